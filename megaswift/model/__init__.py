@@ -1,0 +1,6 @@
+from .embedded import EMBEDDED_MODELS, find_embedded
+from .loader import load_causal_lm, load_tokenizer, parse_dtype
+from .resolve import ModelNotFoundError, resolve_model_dir
+
+__all__ = ['EMBEDDED_MODELS', 'find_embedded', 'load_causal_lm', 'load_tokenizer', 'parse_dtype',
+           'ModelNotFoundError', 'resolve_model_dir']

@@ -1,0 +1,55 @@
+"""Where megaswift keeps its caches, and atomic file/directory writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$MEGASWIFT_CACHE`` or ``~/.cache/megaswift``."""
+    root = os.environ.get('MEGASWIFT_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'megaswift')
+    return Path(root)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new content, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + '\n')
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | os.PathLike):
+    """Yield a temporary sibling directory that becomes ``final`` only if the block succeeds.
+
+    A crash inside the block leaves no directory at ``final`` that looks complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f'.{final.name}.', suffix='.partial'))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
