@@ -29,3 +29,27 @@ class PRM:
 
 orms: dict[str, type[ORM]] = {}
 prms: dict[str, type[PRM]] = {}
+
+
+def reduce_reward(value: float | list[float]) -> float:
+    """One float for a reward value: a per-step list becomes its minimum (the weakest step).
+
+    An empty list raises ValueError; None raises TypeError.
+    """
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError('cannot reduce an empty list of step rewards')
+        return float(min(float(v) for v in value))
+    if value is None:
+        raise TypeError('reward value is None')
+    return float(value)
+
+
+class ReducedReward(ORM):
+    """An ORM view of a PRM: each completion's per-step list is reduced with :func:`reduce_reward`."""
+
+    def __init__(self, prm: PRM):
+        self.prm = prm
+
+    def __call__(self, completions: list[str], **columns: list[Any]) -> list[float]:
+        return [reduce_reward(v) for v in self.prm(completions, **columns)]
