@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..utils.errors import UserError
 from .embedded import EMBEDDED_MODELS, embedded_model_dir, find_embedded
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     pass
 
 

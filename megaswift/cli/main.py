@@ -1,0 +1,79 @@
+"""``megaswift <command> [config.yaml] [--flags]``. Nothing imports this module."""
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from ..utils.errors import UserError
+from .launch import torchrun_argv
+from .parser import CLIError, parse_args, usage
+
+
+@dataclass(frozen=True)
+class Command:
+    arguments: str      # 'module:Class'
+    main: str           # 'module:function'
+    help: str
+    torchrun: bool      # relaunch under torchrun when NPROC_PER_NODE / NNODES are set
+
+
+COMMANDS: dict[str, Command] = {
+    'sample': Command('megaswift.arguments.sampling:SamplingArguments', 'megaswift.pipelines.sample:sample_main',
+                      'best-of-N sampling with ORM/PRM filtering (rejection sampling, distillation)', torchrun=True),
+    'deploy': Command('megaswift.arguments.deploy:DeployArguments', 'megaswift.pipelines.deploy:deploy_main',
+                      'serve a model behind an OpenAI-compatible HTTP API', torchrun=False),
+}
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(':')
+    return getattr(importlib.import_module(module), attr)
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    rows = '\n'.join(f'  {name.ljust(width)}  {c.help}' for name, c in COMMANDS.items())
+    return f'usage: megaswift <command> [config.yaml] [--flag value ...]\n\ncommands:\n{rows}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help', 'help'):
+        print(_help())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        hint = difflib.get_close_matches(name, COMMANDS, n=1)
+        print(f"megaswift: unknown command '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else '') + f'\n\n{_help()}',
+              file=sys.stderr)
+        return 2
+    cmd = COMMANDS[name]
+    if cmd.torchrun and (relaunch := torchrun_argv(name, rest)):
+        return subprocess.call(relaunch, env=os.environ.copy())
+    args_cls = _load(cmd.arguments)
+    if any(a in ('-h', '--help') for a in rest):
+        print(usage(args_cls, name))
+        return 0
+    from ..utils.logging import setup_logging
+    setup_logging()
+    try:
+        args = parse_args(args_cls, rest)
+    except CLIError as e:
+        print(f'megaswift {name}: error: {e}', file=sys.stderr)
+        return 2
+    try:
+        _load(cmd.main)(args)
+    except (UserError, ImportError, ConnectionError, FileNotFoundError) as e:
+        if os.environ.get('MEGASWIFT_DEBUG'):
+            raise
+        print(f'megaswift {name}: error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Read raw rows, each with its source location, from .jsonl / .json / .csv files and HF dataset dirs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import DatasetError, RowSource
+
+Raw = tuple[dict, RowSource]
+
+
+def read_rows(path: str) -> Iterator[Raw]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset '{path}' does not exist (local files only: .jsonl, .json, .csv or an HF "
+                                f"datasets directory saved with save_to_disk)")
+    if p.is_dir():
+        yield from _read_hf_dir(p)
+        return
+    suffix = p.suffix.lower()
+    readers = {'.jsonl': _read_jsonl, '.json': _read_json, '.csv': _read_csv}
+    if suffix not in readers:
+        raise DatasetError(RowSource(str(p), 1), f"unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
+    yield from readers[suffix](p)
+
+
+def _read_jsonl(p: Path) -> Iterator[Raw]:
+    with p.open(encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            src = RowSource(str(p), lineno)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(src, f'invalid JSON: {e.msg} (column {e.colno})') from None
+            if not isinstance(obj, dict):
+                raise DatasetError(src, f'a row must be a JSON object, got {type(obj).__name__}')
+            yield obj, src
+
+
+def _read_json(p: Path) -> Iterator[Raw]:
+    """A JSON array of objects (or one object). Line numbers are those where each object starts."""
+    text = p.read_text(encoding='utf-8')
+    decoder = json.JSONDecoder()
+    pos = _skip_ws(text, 0)
+    if pos < len(text) and text[pos] == '{':
+        obj, _ = _decode_at(decoder, text, pos, p)
+        yield obj, RowSource(str(p), text.count('\n', 0, pos) + 1)
+        return
+    if pos >= len(text) or text[pos] != '[':
+        raise DatasetError(RowSource(str(p), text.count('\n', 0, pos) + 1), 'a .json dataset must be an array of objects')
+    pos = _skip_ws(text, pos + 1)
+    line, counted = 1, 0
+    while pos < len(text) and text[pos] != ']':
+        line += text.count('\n', counted, pos)
+        counted = pos
+        src = RowSource(str(p), line)
+        obj, pos = _decode_at(decoder, text, pos, p)
+        if not isinstance(obj, dict):
+            raise DatasetError(src, f'a row must be a JSON object, got {type(obj).__name__}')
+        yield obj, src
+        pos = _skip_ws(text, pos)
+        if pos < len(text) and text[pos] == ',':
+            pos = _skip_ws(text, pos + 1)
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in ' \t\r\n':
+        pos += 1
+    return pos
+
+
+def _decode_at(decoder: json.JSONDecoder, text: str, pos: int, p: Path):
+    try:
+        return decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        raise DatasetError(RowSource(str(p), e.lineno), f'invalid JSON: {e.msg} (column {e.colno})') from None
+
+
+def _read_csv(p: Path) -> Iterator[Raw]:
+    with p.open(encoding='utf-8', newline='') as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            src = RowSource(str(p), reader.line_num)
+            if None in row:
+                raise DatasetError(src, f'row has more cells than the header ({len(reader.fieldnames)} columns)')
+            yield {k: v for k, v in row.items() if v not in (None, '')}, src
+
+
+def _read_hf_dir(p: Path) -> Iterator[Raw]:
+    import datasets
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except FileNotFoundError as e:
+        raise DatasetError(RowSource(str(p), index=0), f'not an HF datasets directory saved with save_to_disk ({e})') from None
+    if isinstance(ds, datasets.DatasetDict):
+        if 'train' not in ds:
+            raise DatasetError(RowSource(str(p), index=0), f"DatasetDict has no 'train' split (splits: {list(ds)})")
+        ds = ds['train']
+    for i, row in enumerate(ds):
+        yield dict(row), RowSource(os.fspath(p), index=i)

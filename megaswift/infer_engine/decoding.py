@@ -1,0 +1,92 @@
+"""Token sampling and the decode loop of the transformers engine.
+
+The prompt batch is prefilled once; for ``n`` samples per prompt the KV cache (and the
+last logits) are then repeated ``n`` times, so the N samples share one prefill instead of
+re-encoding the prompt N times as ``generate(num_return_sequences=N)`` does.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .protocol import RequestConfig
+
+
+@dataclass
+class DecodeState:
+    """What the decode loop has produced so far (rows = prompts x n, prompt-major)."""
+    tokens: torch.Tensor          # [rows, steps] generated ids (pad after a row finished)
+    finished: torch.Tensor        # [rows] bool
+    hit_stop: torch.Tensor        # [rows] bool: finished by a stop token (vs length)
+
+
+def sample_next(logits: torch.Tensor, cfg: RequestConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature / top-k / top-p sampling. ``logits``: [rows, vocab]."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k and 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float('-inf'))
+        logits = torch.full_like(logits, float('-inf')).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    score = logits.gather(-1, seen)
+    score = torch.where(score > 0, score / penalty, score * penalty)
+    return logits.scatter(-1, seen, score)
+
+
+@torch.inference_mode()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: RequestConfig, max_new_tokens: int,
+           stop_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeState]:
+    """Yield the state after every step. ``input_ids`` are left-padded prompts [B, L]."""
+    from transformers import DynamicCache
+    n = cfg.n
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1, :]
+    next_pos = position_ids[:, -1] + 1
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, 0)
+        attention_mask = attention_mask.repeat_interleave(n, 0)
+        next_pos = next_pos.repeat_interleave(n, 0)
+        input_ids = input_ids.repeat_interleave(n, 0)
+    rows, device = logits.shape[0], input_ids.device
+    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    hit_stop = torch.zeros(rows, dtype=torch.bool, device=device)
+    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    seen = input_ids.masked_fill(attention_mask == 0, pad_token_id) if cfg.repetition_penalty != 1.0 else None
+    for _ in range(max_new_tokens):
+        if seen is not None:
+            logits = _apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+        token = sample_next(logits, cfg, generator).to(torch.long)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        is_stop = torch.isin(token, stops) & ~finished
+        hit_stop |= is_stop
+        generated = torch.cat([generated, token[:, None]], dim=1)
+        finished = finished | is_stop
+        yield DecodeState(generated, finished.clone(), hit_stop.clone())
+        if bool(finished.all()):
+            return
+        if seen is not None:
+            seen = torch.cat([seen, token[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones(rows, 1, dtype=attention_mask.dtype, device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask,
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :]
+        next_pos = next_pos + 1

@@ -1,0 +1,145 @@
+"""Generation with plain transformers: batched across prompts, left-padded, N samples from one prefill."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model import load_causal_lm
+from .base import InferEngine
+from .decoding import decode
+from .protocol import (ChatCompletionChoice, ChatCompletionResponse, ChatMessage, InferRequest, RequestConfig,
+                       UsageInfo)
+
+logger = logging.getLogger(__name__)
+
+# Roles of megaswift's agent format that HF chat templates do not know.
+_ROLE_FOR_TEMPLATE = {'tool_call': 'assistant', 'tool_response': 'tool'}
+
+
+class TransformersEngine(InferEngine):
+    """``max_batch_size`` bounds the sequences decoded together (prompts x n)."""
+
+    def __init__(self, model: str, torch_dtype: str | None = 'auto', device: str | None = None,
+                 max_batch_size: int = 64, model_name: str | None = None):
+        self.model, self.tokenizer, self.model_dir = load_causal_lm(model, torch_dtype, device)
+        self.device = next(self.model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.model_name = model_name or model
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.stop_token_ids = sorted({*(eos if isinstance(eos, list) else [eos]), self.tokenizer.eos_token_id} - {None})
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.max_length = getattr(self.model.config, 'max_position_embeddings', None)
+
+    # ---------------------------------------------------------------- prompts
+    def encode_prompt(self, request: InferRequest) -> list[int]:
+        messages = [{**m, 'role': _ROLE_FOR_TEMPLATE.get(m['role'], m['role'])} for m in request.messages]
+        text = self.tokenizer.apply_chat_template(messages, tools=request.tools, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)['input_ids']
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _max_new_tokens(self, cfg: RequestConfig, prompt_len: int) -> int:
+        limit = cfg.max_tokens or 2048
+        if self.max_length:
+            limit = min(limit, self.max_length - prompt_len)
+        if limit < 1:
+            raise ValueError(f'prompt of {prompt_len} tokens leaves no room to generate '
+                             f'(model max length {self.max_length})')
+        return limit
+
+    # ---------------------------------------------------------------- infer
+    def infer(self, requests: list[InferRequest], request_config: RequestConfig) -> list[ChatCompletionResponse]:
+        cfg = request_config
+        prompts = [self.encode_prompt(r) for r in requests]
+        generator = None
+        if cfg.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        per_batch = max(1, self.max_batch_size // cfg.n)
+        # Sort by length so each batch pads little; results go back in request order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[ChatCompletionResponse | None] = [None] * len(prompts)
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            for i, resp in zip(idx, self._infer_batch([prompts[i] for i in idx], cfg, generator)):
+                results[i] = resp
+        return results
+
+    def _infer_batch(self, prompts: list[list[int]], cfg: RequestConfig, generator) -> list[ChatCompletionResponse]:
+        ids, mask = self._left_pad(prompts)
+        max_new = self._max_new_tokens(cfg, ids.shape[1])
+        state = None
+        for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, generator):
+            if cfg.stop and self._all_hit_stop_words(state, cfg.stop):
+                break
+        tokens = state.tokens.tolist()
+        responses = []
+        for p, prompt in enumerate(prompts):
+            choices, completion_tokens = [], 0
+            for k in range(cfg.n):
+                row = p * cfg.n + k
+                toks = _trim(tokens[row], self.stop_token_ids)
+                text, stopped_by_word = self._decode(toks, cfg.stop)
+                finish = 'stop' if (bool(state.hit_stop[row]) or stopped_by_word) else 'length'
+                choices.append(ChatCompletionChoice(index=k, message=ChatMessage('assistant', text),
+                                                    finish_reason=finish, token_ids=toks))
+                completion_tokens += len(toks)
+            usage = UsageInfo(len(prompt), completion_tokens, len(prompt) + completion_tokens)
+            responses.append(ChatCompletionResponse(model=self.model_name, choices=choices, usage=usage))
+        return responses
+
+    def _decode(self, toks: list[int], stop_words: list[str] | None) -> tuple[str, bool]:
+        text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        for word in stop_words or []:
+            cut = text.find(word)
+            if cut >= 0:
+                return text[:cut], True
+        return text, False
+
+    def _all_hit_stop_words(self, state, stop_words: list[str]) -> bool:
+        for row in range(state.tokens.shape[0]):
+            if bool(state.finished[row]):
+                continue
+            tail = self.tokenizer.decode(state.tokens[row, -16:].tolist(), skip_special_tokens=True)
+            if not any(w in tail for w in stop_words):
+                return False
+        return True
+
+    def infer_stream(self, request: InferRequest, request_config: RequestConfig):
+        """Yield, after every decode step, the text delta of each of the ``n`` choices."""
+        cfg = request_config
+        prompt = self.encode_prompt(request)
+        ids, mask = self._left_pad([prompt])
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        sent = [''] * cfg.n
+        state = None
+        for state in decode(self.model, ids, mask, cfg, self._max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
+                            self.pad_token_id, generator):
+            deltas = []
+            for k in range(cfg.n):
+                text, _ = self._decode(_trim(state.tokens[k].tolist(), self.stop_token_ids), cfg.stop)
+                if text.endswith('\ufffd'):  # an incomplete multi-byte character: wait for the next token
+                    deltas.append('')
+                    continue
+                deltas.append(text[len(sent[k]):])
+                sent[k] = text
+            yield deltas, None
+        finish = ['stop' if bool(state.hit_stop[k]) else 'length' for k in range(cfg.n)]
+        yield [''] * cfg.n, finish
+
+
+def _trim(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """Generated ids up to (not including) the first stop token."""
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i]
+    return tokens

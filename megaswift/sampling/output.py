@@ -1,0 +1,120 @@
+"""The sample output file: written batch by batch, resumable, never left looking complete when it is not.
+
+Files, for an output ``X.jsonl``:
+- ``X.jsonl.part``: kept lines so far, appended and fsync'ed once per batch;
+- ``X.jsonl.state.json``: the next batch to run, the committed size of ``.part``, counters and
+  the fingerprint of the arguments that shape the output (written atomically after the lines);
+- ``X.jsonl``: appears only when the run finishes (``.part`` renamed), with ``X.jsonl.meta.json``.
+Each output file has its own state, so shards in one directory never share resume state.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..utils.errors import UserError
+from ..utils.paths import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+
+class OutputError(UserError, ValueError):
+    pass
+
+
+def default_output_file(shard: tuple[int, int] | None) -> str:
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    return f'{stamp}.jsonl' if shard is None else f'{stamp}-shard{shard[0]}of{shard[1]}.jsonl'
+
+
+def find_resumable(output_dir: Path, shard: tuple[int, int] | None, fingerprint: dict) -> str | None:
+    """The newest unfinished output in ``output_dir`` for this shard and these arguments."""
+    suffix = '.jsonl' if shard is None else f'-shard{shard[0]}of{shard[1]}.jsonl'
+    found = []
+    for state_path in output_dir.glob('*.jsonl.state.json'):
+        name = state_path.name[:-len('.state.json')]
+        if not name.endswith(suffix) or (shard is None and '-shard' in name):
+            continue
+        try:
+            state = json.loads(state_path.read_text(encoding='utf-8'))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get('fingerprint') == fingerprint:
+            found.append((state_path.stat().st_mtime, name))
+    return max(found)[1] if found else None
+
+
+class SampleOutput:
+    def __init__(self, output_dir: str, output_file: str, fingerprint: dict[str, Any], resume: bool, override: bool):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / output_file
+        self.part = self.path.with_name(self.path.name + '.part')
+        self.state_path = self.path.with_name(self.path.name + '.state.json')
+        self.fingerprint = fingerprint
+        self.next_batch = 0
+        self.stats: dict[str, int] = {}
+        if resume:
+            self._resume()
+        else:
+            self._start(override)
+
+    def _start(self, override: bool) -> None:
+        if not override:
+            if self.path.exists():
+                raise OutputError(f'{self.path} already exists; pass --override_exist_file true to replace it, '
+                                  f'or choose another --output_file')
+            if self.state_path.exists() or self.part.exists():
+                raise OutputError(f'an unfinished run of {self.path} exists; pass --resume true to continue it '
+                                  f'or --override_exist_file true to start over')
+        self.part.write_bytes(b'')
+        self._write_state()
+
+    def _resume(self) -> None:
+        if not self.state_path.exists():
+            if self.path.exists():
+                raise OutputError(f'{self.path} is already complete: nothing to resume')
+            raise OutputError(f'no unfinished run of {self.path} to resume ({self.state_path.name} is missing)')
+        state = json.loads(self.state_path.read_text(encoding='utf-8'))
+        if state['fingerprint'] != self.fingerprint:
+            diff = sorted(k for k in set(state['fingerprint']) | set(self.fingerprint)
+                          if state['fingerprint'].get(k) != self.fingerprint.get(k))
+            raise OutputError(f'cannot resume {self.path}: these arguments differ from the interrupted run: '
+                              + ', '.join(f'{k} (was {state["fingerprint"].get(k)!r}, now {self.fingerprint.get(k)!r})'
+                                          for k in diff))
+        size = self.part.stat().st_size if self.part.exists() else -1
+        if size < state['bytes']:
+            raise OutputError(f'cannot resume {self.path}: {self.part.name} has {size} bytes, '
+                              f'the state file recorded {state["bytes"]}; the partial output was modified')
+        with open(self.part, 'r+b') as f:
+            f.truncate(state['bytes'])  # drop lines of a batch that was written but never committed
+        self.next_batch = state['next_batch']
+        self.stats = state['stats']
+        logger.info('resuming %s at batch %d (%d lines kept so far)', self.path, self.next_batch,
+                    self.stats.get('lines', 0))
+
+    def _write_state(self) -> None:
+        size = self.part.stat().st_size
+        atomic_write_json(self.state_path, {'next_batch': self.next_batch, 'bytes': size, 'stats': self.stats,
+                                            'fingerprint': self.fingerprint})
+
+    def commit(self, lines: list[dict], next_batch: int, stats: dict[str, int]) -> None:
+        """Append one batch's lines durably, then record that the batch is done."""
+        if lines:
+            with open(self.part, 'ab') as f:
+                f.write(''.join(json.dumps(x, ensure_ascii=False) + '\n' for x in lines).encode('utf-8'))
+                f.flush()
+                os.fsync(f.fileno())
+        self.next_batch = next_batch
+        self.stats = dict(stats)
+        self._write_state()
+
+    def finish(self, meta: dict[str, Any]) -> Path:
+        os.replace(self.part, self.path)
+        atomic_write_json(self.path.with_name(self.path.name + '.meta.json'), {**meta, 'stats': self.stats})
+        self.state_path.unlink()
+        return self.path

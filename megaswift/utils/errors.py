@@ -1,0 +1,5 @@
+"""Errors caused by the user's input. The CLI prints them as one line (set MEGASWIFT_DEBUG=1 for the traceback)."""
+
+
+class UserError(Exception):
+    """Mixed into error types whose message alone tells the user what to fix."""
