@@ -134,7 +134,9 @@ class TransformersEngine(InferEngine):
                 sent[k] = text
             yield deltas, None
         finish = ['stop' if bool(state.hit_stop[k]) else 'length' for k in range(cfg.n)]
-        yield [''] * cfg.n, finish
+        # flush what was held back (an unfinished multi-byte character stays as U+FFFD, as in infer())
+        final = [self._decode(_trim(state.tokens[k].tolist(), self.stop_token_ids), cfg.stop)[0] for k in range(cfg.n)]
+        yield [text[len(sent[k]):] for k, text in enumerate(final)], finish
 
 
 def _trim(tokens: list[int], stop_ids: list[int]) -> list[int]:
