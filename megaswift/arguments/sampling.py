@@ -30,7 +30,8 @@ class SamplingArguments(ArgumentsBase, ModelArguments, DataArguments, Generation
     override_exist_file: bool = False
     resume: bool = False
     data_range: list[int] = field(default_factory=list)   # [shard_index, num_shards]
-    num_sampling_batch_size: int = 1           # prompts per batch (one engine call, one commit)
+    # prompts per batch (one engine call, one resume commit); default: as many as fill --max_batch_size
+    num_sampling_batch_size: int | None = None
     num_sampling_batches: int | None = None    # stop after this many batches
     max_batch_size: int = 64                   # transformers engine: sequences decoded together
 
@@ -55,6 +56,8 @@ class SamplingArguments(ArgumentsBase, ModelArguments, DataArguments, Generation
                 raise ArgumentError('--model is required')
             if not self.dataset:
                 raise ArgumentError('--dataset is required')
+        if self.num_sampling_batch_size is None:
+            self.num_sampling_batch_size = max(1, self.max_batch_size // max(1, self.num_return_sequences))
         for name in ('num_return_sequences', 'n_best_to_keep', 'num_sampling_batch_size', 'max_batch_size'):
             if getattr(self, name) < 1:
                 raise ArgumentError(f'--{name}: must be >= 1, got {getattr(self, name)}')

@@ -47,6 +47,11 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     return logits.scatter(-1, seen, score)
 
 
+def _worth_compacting(live: int, batch: int) -> bool:
+    """Drop finished rows from the batch (copying the KV cache) once they are an eighth of it."""
+    return live < batch and (batch - live) * 8 >= batch
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: RequestConfig, max_new_tokens: int,
            stop_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeState]:
@@ -67,26 +72,37 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Re
         input_ids = input_ids.repeat_interleave(n, 0)
     rows, device = logits.shape[0], input_ids.device
     stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+    tokens = torch.full((rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(rows, dtype=torch.bool, device=device)
     hit_stop = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated = torch.empty(rows, 0, dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)  # original row of each row still in the batch
     seen = input_ids.masked_fill(attention_mask == 0, pad_token_id) if cfg.repetition_penalty != 1.0 else None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if seen is not None:
             logits = _apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
         token = sample_next(logits, cfg, generator).to(torch.long)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        is_stop = torch.isin(token, stops) & ~finished
-        hit_stop |= is_stop
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        finished = finished | is_stop
-        yield DecodeState(generated, finished.clone(), hit_stop.clone())
-        if bool(finished.all()):
+        done_before = finished[active]  # rows that finished earlier but are still in the batch
+        token = torch.where(done_before, torch.full_like(token, pad_token_id), token)
+        tokens[active, step] = token
+        is_stop = torch.isin(token, stops) & ~done_before
+        finished[active[is_stop]] = True
+        hit_stop[active[is_stop]] = True
+        yield DecodeState(tokens[:, :step + 1], finished.clone(), hit_stop.clone())
+        if bool(finished.all()) or step + 1 == max_new_tokens:
             return
         if seen is not None:
             seen = torch.cat([seen, token[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones(rows, 1, dtype=attention_mask.dtype, device=device)], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask,
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+        keep = ~finished[active]
+        if _worth_compacting(int(keep.sum()), len(active)):
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            attention_mask, next_pos, token, active = attention_mask[idx], next_pos[idx], token[idx], active[idx]
+            seen = seen[idx] if seen is not None else None
+        else:  # finished rows stay in the batch until enough of them are gone; their output is ignored
+            token = torch.where(keep, token, torch.full_like(token, pad_token_id))
+        attention_mask = torch.cat([attention_mask, torch.ones(len(active), 1, dtype=attention_mask.dtype,
+                                                               device=device)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1

@@ -72,9 +72,37 @@ def test_stream_deltas_add_up_to_the_answer(tiny_engine):
 
 
 @pytest.mark.slow
-def test_smollm2_answers_and_stops_at_im_end(smollm2_dir):
-    engine = TransformersEngine(smollm2_dir, torch_dtype='bfloat16')
+def test_smollm2_answers_and_stops_at_im_end(smollm2_fp32):
+    engine = smollm2_fp32
     r = engine.infer([chat('What is 2+3? Answer with a number.')], RequestConfig(max_tokens=32, temperature=0))[0]
     assert '5' in r.choices[0].message.content
     assert r.choices[0].finish_reason == 'stop'  # <|im_end|> ends the answer; no runaway to max_tokens
     assert '<|im_end|>' not in r.choices[0].message.content
+
+
+@pytest.fixture(scope='module')
+def smollm2_fp32(smollm2_dir):
+    return TransformersEngine(smollm2_dir, torch_dtype='float32')
+
+
+@pytest.mark.slow
+def test_rows_finishing_early_leave_the_batch_without_changing_the_others(smollm2_fp32):
+    """Make one token a stop token so rows end at different steps and the KV cache gets compacted."""
+    tiny_engine = smollm2_fp32
+    reqs = [chat('What is 2+3?'), chat('Name a color.'), chat('Tell me a joke about cats.'), chat('Say hi.'),
+            chat('What is the capital of France?'), chat('Count to five.'), chat('Who are you?'), chat('Spell dog.')]
+    cfg = RequestConfig(max_tokens=10, temperature=0)
+    free_choices = [r.choices[0] for r in tiny_engine.infer(reqs, cfg)]
+    free = [c.token_ids for c in free_choices]
+    stop = free[0][2]  # ends row 0 at step 3; other rows stop wherever this token first appears, if at all
+    saved = tiny_engine.stop_token_ids
+    tiny_engine.stop_token_ids = saved + [stop]
+    try:
+        got = [r.choices[0] for r in tiny_engine.infer(reqs, cfg)]
+    finally:
+        tiny_engine.stop_token_ids = saved
+    for ref, ref_choice, choice in zip(free, free_choices, got):
+        cut = ref.index(stop) if stop in ref else len(ref)
+        assert choice.token_ids == ref[:cut]
+        assert choice.finish_reason == ('stop' if stop in ref else ref_choice.finish_reason)
+    assert sum(stop in ref for ref in free) < len(free), 'some rows must keep decoding after others stopped'
