@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from .base import ORM, PRM, ReducedReward, orms, prms, reduce_reward
+from ..utils.errors import UserError
 from .orm import CosineReward, Format, MathAccuracy, MathORM, ReActFormat, RepetitionPenalty, SoftOverlong
 from .prm import ClientPRM, RewardModelPRM, reward_model_from_path
 
@@ -23,11 +24,15 @@ def looks_like_model(name: str) -> bool:
     return os.path.isdir(os.path.expanduser(name)) or bool(_HUB_ID_RE.fullmatch(name))
 
 
+class UnknownRewardError(UserError, ValueError):
+    pass
+
+
 def _unknown(kind: str, name: str, registry: dict) -> ValueError:
     names = sorted(registry)
     close = difflib.get_close_matches(name, names, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ''
-    return ValueError(f"unknown {kind} '{name}': not a registered name ({', '.join(names) or 'none'}) nor a model "
+    return UnknownRewardError(f"unknown {kind} '{name}': not a registered name ({', '.join(names) or 'none'}) nor a model "
                       f'directory or org/name hub id.{hint} Custom rewards can be registered with --external_plugins.')
 
 

@@ -1,6 +1,7 @@
 """The sampling loop: prompts -> engine -> rewards -> selection -> resumable output."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -77,7 +78,9 @@ class Sampler:
     # ------------------------------------------------------------------ main loop
     def run(self) -> str:
         a = self.args
-        fingerprint = a.fingerprint()
+        # the prompts themselves, so resuming against an edited dataset is refused
+        fingerprint = dict(a.fingerprint(), prompts_md5=hashlib.md5(
+            ''.join(p.id for p in self.prompts).encode()).hexdigest())
         output_file = a.output_file
         if output_file is None and a.resume:
             output_file = find_resumable(Path(a.output_dir), self.shard, fingerprint)
@@ -91,14 +94,15 @@ class Sampler:
             if missing:
                 raise OutputError(f'--sampler_engine no: {len(missing)} prompts have no cached samples in '
                                  f'{a.cache_files} (first: {missing[0].source}, id {missing[0].id})')
+        # rewards first: a wrong reward name fails before the policy is loaded
+        orm = get_orm(a.orm_model, **a.orm_kwargs) if a.orm_model else None
+        prm = get_prm(a.prm_model, **a.prm_kwargs) if a.prm_model else None
         engine = None
         if a.sampler_engine != 'no' and any(self._responses_from_cache(p) is None for p in self.prompts):
             kwargs = dict(a.engine_kwargs)
             if a.sampler_engine == 'transformers':
                 kwargs.setdefault('max_batch_size', a.max_batch_size)
             engine = get_infer_engine(a.sampler_engine, a.model, a.torch_dtype, **kwargs)
-        orm = get_orm(a.orm_model, **a.orm_kwargs) if a.orm_model else None
-        prm = get_prm(a.prm_model, **a.prm_kwargs) if a.prm_model else None
         stats = {'prompts': 0, 'samples': 0, 'lines': 0, 'no_passing_sample': 0, 'easy_query': 0, 'from_cache': 0,
                  **output.stats}
         try:

@@ -104,3 +104,22 @@ def test_smollm2_answers_arithmetic(smollm2_engine):
     answer = resp.choices[0].message.content
     print(f'[vllm] SmolLM2: What is 2+3? -> {answer!r}')
     assert '5' in answer
+
+
+def test_sample_pipeline_with_the_vllm_engine(tiny_llama_dir, tmp_path, tiny_engine):
+    """`megaswift sample --sampler_engine vllm`: the same pipeline, real vLLM underneath (n=N per prompt)."""
+    import json
+
+    from megaswift.arguments.sampling import SamplingArguments
+    from megaswift.pipelines.sample import sample_main
+    tiny_engine.close()  # one vLLM engine at a time on a 2-core machine
+    data = tmp_path / 'd.jsonl'
+    data.write_text(''.join(json.dumps({'messages': [{'role': 'user', 'content': f'q{i}'},
+                                                     {'role': 'assistant', 'content': str(i)}], 'solution': str(i)})
+                            + '\n' for i in range(5)))
+    path = sample_main(SamplingArguments(model=tiny_llama_dir, dataset=[str(data)], sampler_engine='vllm',
+                                         num_return_sequences=3, max_new_tokens=8, torch_dtype='float32',
+                                         engine_kwargs='{"max_model_len": 512}', output_dir=str(tmp_path),
+                                         output_file='v.jsonl'))
+    lines = [json.loads(x) for x in open(path)]
+    assert len(lines) == 15 and {x['solution'] for x in lines} == {str(i) for i in range(5)}

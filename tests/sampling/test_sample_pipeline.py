@@ -107,3 +107,35 @@ def test_cli_bad_inputs_fail_with_one_clear_line(run_cli, tiny_llama_dir, tmp_pa
     assert r.returncode == 2 and "unknown argument '--n_best'" in r.stderr
     r = run_cli(['sampel'], check=False)
     assert r.returncode == 2 and "did you mean 'sample'" in r.stderr
+
+
+def test_crash_keeps_committed_batches_and_resume_refuses_an_edited_dataset(tiny_llama_dir, math_file, tmp_path):
+    from megaswift.rewards import ORM, orms
+
+    class CrashOnThirdCall(ORM):
+        calls = 0
+
+        def __call__(self, completions, **columns):
+            CrashOnThirdCall.calls += 1
+            if CrashOnThirdCall.calls == 3:
+                raise RuntimeError('reward server went away')
+            return [1.0] * len(completions)
+
+    orms['crash_third'] = CrashOnThirdCall
+    try:
+        a = args(tiny_llama_dir, math_file, tmp_path, output_file='c.jsonl', orm_model='crash_third',
+                 num_sampling_batch_size=2, num_return_sequences=2, n_best_to_keep=1)
+        with pytest.raises(RuntimeError, match='went away'):
+            sample_main(a)
+        assert not (tmp_path / 'c.jsonl').exists()
+        assert len(read_jsonl(tmp_path / 'c.jsonl.part')) == 4  # 2 committed batches x 2 prompts x 1 kept
+        lines = Path(math_file).read_text().splitlines()
+        Path(math_file).write_text('\n'.join(lines[:3] + [lines[4], lines[3]] + lines[5:]) + '\n')
+        a.resume = True
+        with pytest.raises(OutputError, match='prompts_md5'):
+            sample_main(a)
+        Path(math_file).write_text('\n'.join(lines) + '\n')
+        path = sample_main(a)  # the original data resumes and completes
+        assert len(read_jsonl(path)) == 7
+    finally:
+        del orms['crash_third']
