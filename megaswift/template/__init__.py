@@ -1,0 +1,5 @@
+from .base import IGNORE_INDEX, MaxLengthExceeded, Template, TemplateError
+from .registry import get_template, templates
+from .segments import Segment
+
+__all__ = ['IGNORE_INDEX', 'MaxLengthExceeded', 'Template', 'TemplateError', 'get_template', 'templates', 'Segment']

@@ -1,0 +1,165 @@
+"""Template: dataset row -> ``input_ids``, ``labels`` (and ``loss_scale`` when not binary).
+
+Subclasses only ``render`` chat messages into segments (see ``segments.py``); the base class
+applies the agent template, the system override, the loss scale, tokenisation with character
+offsets (so each token is attributed to the segment its first character belongs to), the
+training/inference/RLHF modes and truncation.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Any
+
+from ..utils.errors import UserError
+from .segments import Segment, join_text
+
+IGNORE_INDEX = -100
+MODES = ('train', 'infer', 'rlhf')
+TRUNCATION_STRATEGIES = ('delete', 'left', 'right', 'error')
+
+
+class TemplateError(UserError, ValueError):
+    """A row the template cannot encode; ``field`` names the offending part (e.g. ``messages[3].role``)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(f"field '{field}': {message}" if field else message)
+
+
+class MaxLengthExceeded(TemplateError):
+    """With truncation_strategy 'delete' the sample is skipped (and counted) by the caller."""
+
+
+class Template:
+    name = 'base'
+    default_system: str | None = None
+    default_agent_template = 'hermes'
+
+    def __init__(self, tokenizer, agent_template: str | None = None, loss_scale: str = 'default',
+                 system: str | None = None, max_length: int | None = None, truncation_strategy: str = 'delete'):
+        from .agent import get_agent_template
+        from .loss_scale import get_loss_scale
+        if truncation_strategy not in TRUNCATION_STRATEGIES:
+            raise ValueError(f"truncation_strategy must be one of {TRUNCATION_STRATEGIES}, got '{truncation_strategy}'")
+        self.tokenizer = tokenizer
+        self.agent_template = get_agent_template(agent_template or self.default_agent_template)
+        self.loss_scale = get_loss_scale(loss_scale)
+        self.system = system
+        self.max_length = max_length
+        self.truncation_strategy = truncation_strategy
+        self.mode = 'train'
+
+    # ------------------------------------------------------------------ to implement
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = False) -> list[Segment]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ modes
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got '{mode}'")
+        self.mode = mode
+
+    # ------------------------------------------------------------------ messages
+    def chat_messages(self, row: dict) -> tuple[list[dict], list[dict] | None]:
+        """The row's messages after the agent template and the system override."""
+        messages = row.get('messages')
+        if not isinstance(messages, list) or not messages:
+            raise TemplateError('must be a non-empty list of messages', 'messages')
+        tools = row.get('tools') or None
+        if isinstance(tools, str):
+            import json
+            try:
+                tools = json.loads(tools)
+            except json.JSONDecodeError as e:
+                raise TemplateError(f'is not valid JSON ({e.msg})', 'tools') from None
+        if self.system is not None:  # before the agent template, which may add tool descriptions to the system
+            if messages[0]['role'] == 'system':
+                messages = [{**messages[0], 'content': self.system}] + messages[1:]
+            else:
+                messages = [{'role': 'system', 'content': self.system}] + messages
+        return self.agent_template.to_chat(messages, tools, default_system=self.default_system), tools
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, row: dict) -> dict[str, Any]:
+        if self.mode == 'infer':
+            messages, tools = self.chat_messages(row)
+            if messages[-1]['role'] == 'assistant':
+                messages = messages[:-1]
+            ids, _ = self._tokenize(self.render(messages, tools, add_generation_prompt=True), with_weights=False)
+            return {'input_ids': self._truncate_prompt(ids)}
+        if self.mode == 'rlhf':
+            if row.get('rejected_response') is None:
+                raise TemplateError('is required in rlhf mode', 'rejected_response')
+            chosen = self._encode_train(row)
+            rejected_messages = list(row['messages'][:-1]) + [{'role': 'assistant', 'content': row['rejected_response']}]
+            rejected = self._encode_train({**row, 'messages': rejected_messages})
+            return {**{f'chosen_{k}': v for k, v in chosen.items()}, **{f'rejected_{k}': v for k, v in rejected.items()}}
+        return self._encode_train(row)
+
+    def _encode_train(self, row: dict) -> dict[str, Any]:
+        messages, tools = self.chat_messages(row)
+        if not any(m['role'] == 'assistant' for m in messages) and self.loss_scale.base_strategy != 'all':
+            raise TemplateError('has no assistant turn to train on', 'messages')
+        segments = self.render(messages, tools, add_generation_prompt=False)
+        ids, weights = self._tokenize(segments, with_weights=True)
+        ids, weights = self._truncate(ids, weights)
+        labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, weights)]
+        out: dict[str, Any] = {'input_ids': ids, 'labels': labels}
+        if any(w not in (0.0, 1.0) for w in weights):
+            out['loss_scale'] = weights
+        return out
+
+    def _tokenize(self, segments: list[Segment], with_weights: bool) -> tuple[list[int], list[float]]:
+        pieces = self.loss_scale.apply(segments) if with_weights else [(join_text(segments), 0.0)]
+        text = ''.join(p for p, _ in pieces)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc['input_ids'])
+        if not with_weights:
+            return ids, []
+        starts, pos = [], 0
+        for piece, _ in pieces:
+            starts.append(pos)
+            pos += len(piece)
+        weights = []
+        for start, _end in enc['offset_mapping']:
+            k = bisect.bisect_right(starts, start) - 1
+            while k > 0 and not pieces[k][0]:  # empty pieces own no characters
+                k -= 1
+            weights.append(pieces[k][1])
+        return ids, weights
+
+    def _truncate(self, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, weights
+        n = self.max_length
+        if self.truncation_strategy == 'left':
+            return ids[-n:], weights[-n:]
+        if self.truncation_strategy == 'right':
+            return ids[:n], weights[:n]
+        if self.truncation_strategy == 'delete':
+            raise MaxLengthExceeded(f'{len(ids)} tokens exceed max_length {n}', 'messages')
+        raise TemplateError(f'{len(ids)} tokens exceed max_length {n} (truncation_strategy error)', 'messages')
+
+    def _truncate_prompt(self, ids: list[int]) -> list[int]:
+        return self._truncate(ids, [0.0] * len(ids))[0]
+
+    # ------------------------------------------------------------------ debugging
+    def safe_decode(self, ids: list[int]) -> str:
+        """Decode, showing masked label runs as ``[-100 * N]`` instead of failing on them."""
+        out, run, buf = [], 0, []
+        for t in list(ids) + [None]:
+            if t is not None and t < 0:
+                if buf:
+                    out.append(self.tokenizer.decode(buf))
+                    buf = []
+                run += 1
+                continue
+            if run:
+                out.append(f'[{IGNORE_INDEX} * {run}]')
+                run = 0
+            if t is not None:
+                buf.append(t)
+        if buf:
+            out.append(self.tokenizer.decode(buf))
+        return ''.join(out)
