@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import struct
+import zlib
+
 import torch
 
 from .protocol import RequestConfig
@@ -22,8 +25,28 @@ class DecodeState:
     hit_stop: torch.Tensor        # [rows] bool: finished by a stop token (vs length)
 
 
-def sample_next(logits: torch.Tensor, cfg: RequestConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy when temperature == 0, else temperature / top-k / top-p sampling. ``logits``: [rows, vocab]."""
+def row_generators(prompts: list[list[int]], n: int, seed: int) -> list[torch.Generator]:
+    """One RNG per sampled sequence, seeded from (seed, prompt tokens, sample index, duplicate index).
+
+    A sequence's randomness then depends only on its own request, never on the other requests
+    sharing the batch, so results do not change with batch size, sharding or server batching.
+    """
+    gens, seen = [], {}
+    for prompt in prompts:
+        digest = zlib.crc32(struct.pack(f'{len(prompt)}q', *prompt))
+        dup = seen[digest] = seen.get(digest, -1) + 1
+        for k in range(n):
+            g = torch.Generator()
+            g.manual_seed(hash((seed, digest, dup, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+            gens.append(g)
+    return gens
+
+
+def sample_next(logits: torch.Tensor, cfg: RequestConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature / top-k / top-p sampling. ``logits``: [rows, vocab].
+
+    With ``generators`` (one per row) each row draws its own uniform number (inverse-CDF sampling).
+    """
     logits = logits.float()
     if cfg.temperature == 0:
         return logits.argmax(-1)
@@ -38,7 +61,12 @@ def sample_next(logits: torch.Tensor, cfg: RequestConfig, generator: torch.Gener
         sorted_logits = sorted_logits.masked_fill(drop, float('-inf'))
         logits = torch.full_like(logits, float('-inf')).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.device)
+    cdf = probs.cumsum(-1)
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return picked.clamp_(max=probs.shape[-1] - 1)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -54,7 +82,8 @@ def _worth_compacting(live: int, batch: int) -> bool:
 
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: RequestConfig, max_new_tokens: int,
-           stop_token_ids: list[int], pad_token_id: int, generator: torch.Generator | None) -> Iterator[DecodeState]:
+           stop_token_ids: list[int], pad_token_id: int,
+           generators: list[torch.Generator] | None) -> Iterator[DecodeState]:
     """Yield the state after every step. ``input_ids`` are left-padded prompts [B, L]."""
     from transformers import DynamicCache
     n = cfg.n
@@ -80,7 +109,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Re
     for step in range(max_new_tokens):
         if seen is not None:
             logits = _apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-        token = sample_next(logits, cfg, generator).to(torch.long)
+        token = sample_next(logits, cfg, None if generators is None else [generators[i] for i in active.tolist()])
+        token = token.to(torch.long)
         done_before = finished[active]  # rows that finished earlier but are still in the batch
         token = torch.where(done_before, torch.full_like(token, pad_token_id), token)
         tokens[active, step] = token

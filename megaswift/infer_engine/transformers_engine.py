@@ -7,7 +7,7 @@ import torch
 
 from ..model import load_causal_lm
 from .base import InferEngine
-from .decoding import decode
+from .decoding import decode, row_generators
 from .protocol import (ChatCompletionChoice, ChatCompletionResponse, ChatMessage, InferRequest, RequestConfig,
                        UsageInfo)
 
@@ -61,24 +61,22 @@ class TransformersEngine(InferEngine):
     def infer(self, requests: list[InferRequest], request_config: RequestConfig) -> list[ChatCompletionResponse]:
         cfg = request_config
         prompts = [self.encode_prompt(r) for r in requests]
-        generator = None
-        if cfg.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         per_batch = max(1, self.max_batch_size // cfg.n)
         # Sort by length so each batch pads little; results go back in request order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[ChatCompletionResponse | None] = [None] * len(prompts)
         for start in range(0, len(order), per_batch):
             idx = order[start:start + per_batch]
-            for i, resp in zip(idx, self._infer_batch([prompts[i] for i in idx], cfg, generator)):
+            for i, resp in zip(idx, self._infer_batch([prompts[i] for i in idx], cfg)):
                 results[i] = resp
         return results
 
-    def _infer_batch(self, prompts: list[list[int]], cfg: RequestConfig, generator) -> list[ChatCompletionResponse]:
+    def _infer_batch(self, prompts: list[list[int]], cfg: RequestConfig) -> list[ChatCompletionResponse]:
         ids, mask = self._left_pad(prompts)
+        generators = row_generators(prompts, cfg.n, cfg.seed) if cfg.seed is not None else None
         max_new = self._max_new_tokens(cfg, ids.shape[1])
         state = None
-        for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, generator):
+        for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, generators):
             if cfg.stop and self._all_hit_stop_words(state, cfg.stop):
                 break
         tokens = state.tokens.tolist()
@@ -119,11 +117,11 @@ class TransformersEngine(InferEngine):
         cfg = request_config
         prompt = self.encode_prompt(request)
         ids, mask = self._left_pad([prompt])
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        generators = row_generators([prompt], cfg.n, cfg.seed) if cfg.seed is not None else None
         sent = [''] * cfg.n
         state = None
         for state in decode(self.model, ids, mask, cfg, self._max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
-                            self.pad_token_id, generator):
+                            self.pad_token_id, generators):
             deltas = []
             for k in range(cfg.n):
                 text, _ = self._decode(_trim(state.tokens[k].tolist(), self.stop_token_ids), cfg.stop)

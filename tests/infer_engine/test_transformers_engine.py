@@ -55,6 +55,17 @@ def test_seed_makes_sampling_reproducible(tiny_engine):
     assert [x.token_ids for x in a.choices] != [x.token_ids for x in c.choices]
 
 
+def test_seeded_samples_do_not_depend_on_the_batch(tiny_engine):
+    """Per-row RNG streams: batching, server grouping or sharding never change a request's samples."""
+    cfg = RequestConfig(max_tokens=8, n=3, seed=7, temperature=1.0)
+    alone = tiny_engine.infer([chat('target')], cfg)[0]
+    crowd = tiny_engine.infer([chat('other'), chat('target'), chat('a third much longer prompt')], cfg)[1]
+    assert [c.token_ids for c in alone.choices] == [c.token_ids for c in crowd.choices]
+    twins = tiny_engine.infer([chat('target'), chat('target')], cfg)
+    assert [c.token_ids for c in twins[0].choices] == [c.token_ids for c in alone.choices]
+    assert [c.token_ids for c in twins[1].choices] != [c.token_ids for c in alone.choices], 'duplicates differ'
+
+
 def test_max_tokens_sets_finish_reason(tiny_engine):
     r = tiny_engine.infer([chat('x')], RequestConfig(max_tokens=3, temperature=0))[0]
     assert len(r.choices[0].token_ids) == 3 and r.choices[0].finish_reason == 'length'
