@@ -71,17 +71,7 @@ def coerce(tp, value: Any, name: str) -> Any:
             return tp(value)
         except (TypeError, ValueError):
             raise CLIError(f'--{name}: expected {tp.__name__}, got {value!r}') from None
-    if tp is dict or get_origin(tp) is dict:
-        if isinstance(value, dict):
-            return value
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise CLIError(f'--{name}: not valid JSON ({e.msg}): {value!r}') from None
-        if not isinstance(parsed, dict):
-            raise CLIError(f'--{name}: expected a JSON object')
-        return parsed
-    if tp is str:
+    if tp is str:  # JSON-object flags (e.g. --engine_kwargs) stay strings here; their group parses them
         return value if isinstance(value, str) else (json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     return value
 

@@ -1,3 +1,5 @@
+"""Agent templates (registry ``agent_templates``): hermes, react_en/zh, qwen_en/zh(_parallel), llama3."""
+from . import hermes, llama3, qwen, react  # noqa: F401  (register the built-in templates)
 from .base import AgentTemplate, Function, agent_templates
 
 
@@ -9,16 +11,5 @@ def get_agent_template(name: str) -> AgentTemplate:
                          + (f"; did you mean '{hint[0]}'?" if hint else ''))
     return agent_templates[name]()
 
-
-class _PlainChat(AgentTemplate):
-    """Placeholder until the agent templates land: passes tool-free conversations through."""
-
-    def to_chat(self, messages, tools, default_system=None):
-        if tools or any(m['role'] in ('tool_call', 'tool_response', 'tool') for m in messages):
-            raise NotImplementedError('agent templates are not implemented yet')
-        return [dict(m) for m in messages]
-
-
-agent_templates.setdefault('hermes', _PlainChat)
 
 __all__ = ['AgentTemplate', 'Function', 'agent_templates', 'get_agent_template']
