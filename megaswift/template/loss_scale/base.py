@@ -33,7 +33,8 @@ class LossScale:
 
     def __init__(self, base_strategy: str = 'default'):
         if base_strategy not in BASE_STRATEGIES:
-            raise ValueError(f"unknown loss-scale strategy '{base_strategy}' (choose from {', '.join(BASE_STRATEGIES)})")
+            raise ValueError(f"unknown loss-scale strategy '{base_strategy}' "
+                             f"(choose from {', '.join(BASE_STRATEGIES)})")
         self.base_strategy = base_strategy
 
     def __repr__(self) -> str:
@@ -122,7 +123,8 @@ def message_loss(segment: Segment) -> float:
     if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
         return float(value)
     from ..base import TemplateError
-    raise TemplateError(f'must be true, false or a number >= 0, got {value!r}', f'messages[{segment.message_index}].loss')
+    raise TemplateError(f'must be true, false or a number >= 0, got {value!r}',
+                        f'messages[{segment.message_index}].loss')
 
 
 loss_scales: dict[str, type[LossScale]] = {}
