@@ -53,3 +53,18 @@ def test_bad_tool_span_names_the_field(tok):
     msgs = [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'abc', 'tool_spans': [[2, 9]]}]
     with pytest.raises(TemplateError, match=r"messages\[1\].tool_spans"):
         t.encode({'messages': msgs})
+
+
+@pytest.mark.parametrize('agent, loss_scale', [('react_en', 'default'), ('react_en', 'react'), ('qwen_en', 'default'),
+                                               ('qwen_en', 'qwen'), ('hermes', 'default'), ('hermes', 'last_round')])
+def test_agent_conversations_train_calls_and_answers_but_never_tool_output(tok, agent, loss_scale):
+    t = get_template(tok, template='chatml', agent_template=agent, loss_scale=loss_scale)
+    row = {'tools': [{'name': 'get_weather', 'description': 'weather', 'parameters': {'type': 'object'}}],
+           'messages': [{'role': 'user', 'content': 'Weather in Paris?'},
+                        {'role': 'tool_call', 'content': '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+                        {'role': 'tool_response', 'content': 'TOOLSAYS 21 degrees'},
+                        {'role': 'assistant', 'content': 'It is 21 degrees in Paris.'}]}
+    enc = t.encode(row)
+    trained = trained_text(t, enc)
+    assert 'TOOLSAYS' not in trained
+    assert 'get_weather' in trained and 'It is 21 degrees in Paris.' in trained

@@ -73,8 +73,10 @@ def wrap_tool(tool: dict) -> dict:
 
 class AgentTemplate:
     """Subclasses implement the three ``_format_*`` hooks and ``get_toolcall``."""
+    tools_in_user_message = False  # True: ``_format_user_message`` lists the tools, so a user message is required
 
-    def _format_tools(self, tools: list[dict], system: str | None = None, user_message: str | None = None) -> str | None:
+    def _format_tools(self, tools: list[dict], system: str | None = None,
+                      user_message: str | None = None) -> str | None:
         """The system prompt that presents ``tools`` (and keeps ``system``); ``None``/'' for no system message."""
         raise NotImplementedError
 
@@ -164,8 +166,10 @@ class AgentTemplate:
         if tools:
             first_user = next((m.get('content') or '' for m in messages if m['role'] == 'user'), None)
             system = self._format_tools(tools, system or default_system, first_user)
-        if system:
-            out.append({**system_msg, 'role': 'system', 'content': system})
+            if system:
+                out.append({**system_msg, 'role': 'system', 'content': system})
+        elif start:
+            out.append(dict(system_msg))
 
         turn: dict | None = None       # the open assistant message that calls/continuations extend
         calls: list[Function] = []     # pending parallel calls of that turn
@@ -175,7 +179,7 @@ class AgentTemplate:
             m = messages[i]
             role = m['role']
             if role in ('system', 'user'):
-                turn = self._flush(turn, calls)
+                self._flush(turn, calls)
                 turn = None
                 msg = {**m, 'content': m.get('content') or ''}
                 if role == 'user' and not first_user_done:
@@ -184,7 +188,7 @@ class AgentTemplate:
                 out.append(msg)
             elif role == 'assistant':
                 if calls:  # calls with no response, then more assistant text: a new turn
-                    turn = self._flush(turn, calls)
+                    self._flush(turn, calls)
                     turn = None
                 text = m.get('content') or ''
                 extra = {k: v for k, v in m.items() if k != 'tool_calls'}
@@ -209,22 +213,46 @@ class AgentTemplate:
                     content = messages[i].get('content')
                     responses.append(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
                     i += 1
-                turn['content'], new_messages = self._format_tool_responses(turn['content'], responses)
-                out.extend(new_messages)
+                before = turn['content']
+                turn['content'], new_messages = self._format_tool_responses(before, responses)
+                _mark_tool_output(turn, before, responses)
+                out.extend({**nm, 'tool_response': True} if nm.get('role') != 'assistant' else nm
+                           for nm in new_messages)
                 if new_messages:
                     turn = None
                 continue
             i += 1
         self._flush(turn, calls)
-        if tools and not first_user_done:
+        if self.tools_in_user_message and not first_user_done:
             raise _error('tools are listed in the first user message, but there is none', 'messages')
         return out
 
-    def _flush(self, turn: dict | None, calls: list[Function]) -> dict | None:
+    def _flush(self, turn: dict | None, calls: list[Function]) -> None:
+        """Append the pending calls to the open assistant turn."""
         if calls:
             turn['content'] = self._join_tool_calls(turn['content'], self._format_tool_calls(calls))
             calls.clear()
-        return turn
+
+
+def _mark_tool_output(turn: dict, before: str, responses: list[str]) -> None:
+    """Record where tool outputs sit inside an assistant turn (``turn['tool_spans']``) so they are never trained.
+
+    Templates that write responses into the assistant turn (ReAct ``Observation:``, Qwen ``✿RESULT✿``)
+    append them verbatim after the existing content; each response is located in that appended
+    text, in order.
+    """
+    content = turn['content']
+    if content == before:
+        return  # the responses went into separate messages
+    if not content.startswith(before):
+        raise ValueError('_format_tool_responses must only append to the assistant content')
+    pos = len(before)
+    for response in responses:
+        start = content.find(response, pos)
+        if start < 0:
+            raise ValueError('_format_tool_responses must include each tool response verbatim')
+        turn.setdefault('tool_spans', []).append([start, start + len(response)])
+        pos = start + len(response)
 
 
 class ReactCompat:
