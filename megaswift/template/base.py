@@ -84,6 +84,18 @@ class Template:
                 out.append(Segment(seg.text[len(content):], seg.role, seg.message_index, True, seg.loss))
         return out
 
+    def _open_turn(self, messages: list[dict], tools: list[dict] | None) -> list[Segment]:
+        """The conversation up to the end of the last assistant content, without its end token."""
+        last, content = len(messages) - 1, messages[-1]['content']
+        out, consumed = [], 0
+        for seg in self.render_segments(messages, tools):
+            if seg.message_index == last:
+                if consumed >= len(content):
+                    return out
+                consumed += len(seg.text)
+            out.append(seg)
+        raise TemplateError('cannot continue the last assistant turn: the template rewrites its content', 'messages')
+
     # ------------------------------------------------------------------ modes
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -114,10 +126,13 @@ class Template:
     def encode(self, row: dict) -> dict[str, Any]:
         if self.mode == 'infer':
             messages, tools = self.chat_messages(row)
-            if messages[-1]['role'] == 'assistant':
-                messages = messages[:-1]
-            ids, _ = self._tokenize(self.render_segments(messages, tools, add_generation_prompt=True),
-                                    with_weights=False)
+            if row['messages'][-1]['role'] in ('tool_response', 'tool') and messages[-1]['role'] == 'assistant':
+                segments = self._open_turn(messages, tools)  # ReAct / Qwen: the model continues its turn
+            else:
+                if messages[-1]['role'] == 'assistant':
+                    messages = messages[:-1]
+                segments = self.render_segments(messages, tools, add_generation_prompt=True)
+            ids, _ = self._tokenize(segments, with_weights=False)
             return {'input_ids': self._truncate_prompt(ids)}
         if self.mode == 'rlhf':
             if row.get('rejected_response') is None:

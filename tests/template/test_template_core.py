@@ -68,3 +68,17 @@ def test_agent_conversations_train_calls_and_answers_but_never_tool_output(tok, 
     trained = trained_text(t, enc)
     assert 'TOOLSAYS' not in trained
     assert 'get_weather' in trained and 'It is 21 degrees in Paris.' in trained
+
+
+def test_infer_after_a_react_observation_continues_the_open_turn(tok):
+    t = get_template(tok, template='chatml', agent_template='react_en')
+    t.set_mode('infer')
+    row = {'tools': [{'name': 'f', 'description': 'd', 'parameters': {}}],
+           'messages': [{'role': 'user', 'content': 'q'}, {'role': 'tool_call', 'content': '{"name": "f", "arguments": {}}'},
+                        {'role': 'tool_response', 'content': 'RESULT'}]}
+    prompt = tok.decode(t.encode(row)['input_ids'])
+    assert prompt.endswith('Observation: RESULT\n'), prompt[-80:]
+    assert prompt.count('<|im_start|>assistant') == 1  # no new turn opened, no end token closing this one
+    hermes = get_template(tok, template='chatml', agent_template='hermes')
+    hermes.set_mode('infer')
+    assert tok.decode(hermes.encode(row)['input_ids']).endswith('</tool_response><|im_end|>\n<|im_start|>assistant\n')
