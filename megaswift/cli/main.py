@@ -24,6 +24,9 @@ class Command:
 COMMANDS: dict[str, Command] = {
     'sample': Command('megaswift.arguments.sampling:SamplingArguments', 'megaswift.pipelines.sample:sample_main',
                       'best-of-N sampling with ORM/PRM filtering (rejection sampling, distillation)', torchrun=True),
+    'template': Command('megaswift.arguments.template:TemplateCommandArguments',
+                        'megaswift.pipelines.template:template_main',
+                        'show how one dataset row is encoded: input ids, decoded text, labels, loss scale', torchrun=False),
     'deploy': Command('megaswift.arguments.deploy:DeployArguments', 'megaswift.pipelines.deploy:deploy_main',
                       'serve a model behind an OpenAI-compatible HTTP API', torchrun=False),
 }

@@ -167,12 +167,13 @@ class Template:
         for piece, _ in pieces:
             starts.append(pos)
             pos += len(piece)
+        # A token's weight is the smallest weight among the pieces its characters fall in: a token that
+        # straddles a boundary (' SEC' of ' SECRET' after 'Observation:') never trains a masked character.
         weights = []
-        for start, _end in enc['offset_mapping']:
-            k = bisect.bisect_right(starts, start) - 1
-            while k > 0 and not pieces[k][0]:  # empty pieces own no characters
-                k -= 1
-            weights.append(pieces[k][1])
+        for start, end in enc['offset_mapping']:
+            first = bisect.bisect_right(starts, start) - 1
+            last = max(first, bisect.bisect_left(starts, max(end, start + 1)) - 1)
+            weights.append(min(pieces[k][1] for k in range(first, last + 1) if pieces[k][0] or k == first))
         return ids, weights
 
     def _truncate(self, ids: list[int], weights: list[float]) -> tuple[list[int], list[float]]:

@@ -32,7 +32,7 @@ def test_tool_output_inside_an_assistant_turn_is_never_trained(tok):
             {'role': 'assistant', 'content': content, 'tool_spans': [[start, start + len('SECRET RESULT\n')]]}]
     enc = t.encode({'messages': msgs})
     trained = trained_text(t, enc)
-    assert 'SECRET' not in trained and 'RESULT' not in trained
+    assert not any(frag in trained for frag in ('SEC', 'RET', 'RES', 'ULT'))  # no fragment, not just the word
     assert trained.startswith('Action: f') and trained.endswith('Final Answer: 3<|im_end|>')
     assert enc['input_ids'] == t.encode({'messages': [msgs[0], {**msgs[1], 'tool_spans': []}]})['input_ids']
 
@@ -66,7 +66,7 @@ def test_agent_conversations_train_calls_and_answers_but_never_tool_output(tok, 
                         {'role': 'assistant', 'content': 'It is 21 degrees in Paris.'}]}
     enc = t.encode(row)
     trained = trained_text(t, enc)
-    assert 'TOOLSAYS' not in trained
+    assert not any(frag in trained for frag in ('TOOL', 'SAYS', 'OOL', 'AYS')), trained
     assert 'get_weather' in trained and 'It is 21 degrees in Paris.' in trained
 
 
