@@ -15,6 +15,7 @@ $(STAMP): setup.py requirements/core.txt requirements/test.txt requirements/embe
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q --no-deps 'megatron-core>=0.16.1,<0.17'   # never let it resolve another torch
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps -r requirements/embedded.txt
 	rm -f $(VENV)/.installed-*; touch $@
