@@ -13,6 +13,7 @@ convention: ``labels[t]`` is the target of the logit at ``t - 1``); the first la
 """
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,15 +146,21 @@ class PackedSeqParamsFallback:
     max_seqlen_kv: int | None = None
 
 
-def packed_seq_params(cu_seqlens, max_seqlen: int):
-    """``PackedSeqParams(qkv_format='thd', ...)`` for one packed row (q and kv share the boundaries)."""
+@functools.lru_cache(maxsize=1)
+def packed_seq_params_class() -> type:
+    """megatron-core's ``PackedSeqParams`` when importable, else ``PackedSeqParamsFallback``."""
     try:
         from megatron.core.packed_seq_params import PackedSeqParams
     except ImportError:
-        PackedSeqParams = PackedSeqParamsFallback
+        return PackedSeqParamsFallback
+    return PackedSeqParams
+
+
+def packed_seq_params(cu_seqlens, max_seqlen: int):
+    """``PackedSeqParams(qkv_format='thd', ...)`` for one packed row (q and kv share the boundaries)."""
     # max_seqlen is a Python int: flash-attn 4 keys its compile cache on it and a tensor would force a sync.
-    return PackedSeqParams(qkv_format='thd', cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+    return packed_seq_params_class()(qkv_format='thd', cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                     max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 
 
 def cu_seqlens_from_position_ids(position_ids) -> np.ndarray:
