@@ -29,6 +29,9 @@ COMMANDS: dict[str, Command] = {
                         'show how one dataset row is encoded: input ids, decoded text, labels, loss scale', torchrun=False),
     'deploy': Command('megaswift.arguments.deploy:DeployArguments', 'megaswift.pipelines.deploy:deploy_main',
                       'serve a model behind an OpenAI-compatible HTTP API', torchrun=False),
+    'export': Command('megaswift.arguments.export:ExportArguments', 'megaswift.pipelines.export:export_main',
+                      'convert checkpoints: HF -> mcore (--to_mcore) or mcore -> HF (--to_hf), at any TP/PP',
+                      torchrun=True),
 }
 
 
