@@ -1,0 +1,34 @@
+"""megatron-core as megaswift's training engine: parallel setup, model families, HF <-> mcore weights.
+
+Exports (imported on first use, so ``import megaswift.megatron`` does not import megatron-core)::
+
+    from megaswift.megatron import ParallelConfig, initialize_parallel, build_model, load_hf_weights
+    initialize_parallel(ParallelConfig(tensor_model_parallel_size=2))
+    models = build_model(AutoConfig.from_pretrained(hf_dir))      # one GPTModel per VPP stage
+    load_hf_weights(models, hf_dir)
+    for name, tensor in iter_hf_weights(models): ...                # full HF tensors on rank 0
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    'ParallelConfig': 'parallel', 'initialize_parallel': 'parallel', 'destroy_parallel': 'parallel',
+    'current_parallel_config': 'parallel',
+    'model_families': 'model', 'ModelFamily': 'model', 'get_model_family': 'model',
+    'register_model_family': 'model', 'UnsupportedModelError': 'model', 'ParallelLayoutError': 'model',
+    'layer_spec': 'spec', 'local_layer_spec': 'spec', 'SDPAttention': 'spec', 'RMSNorm': 'spec',
+    'build_model': 'build', 'unwrap_model': 'build', 'ModelInfo': 'build',
+    'WeightRule': 'weights', 'WeightMap': 'weights', 'padded_vocab_size': 'weights',
+    'load_hf_weights': 'convert', 'iter_hf_weights': 'convert', 'hf_state_dict': 'convert',
+    'WeightLoadError': 'convert',
+}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f'megaswift.megatron.{_LAZY[name]}'), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
