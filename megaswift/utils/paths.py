@@ -15,6 +15,12 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new content, never a torn file."""
     path = Path(path)
@@ -25,6 +31,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -45,6 +52,7 @@ def atomic_directory(final: str | os.PathLike):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f'.{final.name}.', suffix='.partial'))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; the result is a normal output directory
     try:
         yield tmp
         if final.exists():
