@@ -32,6 +32,11 @@ COMMANDS: dict[str, Command] = {
     'export': Command('megaswift.arguments.export:ExportArguments', 'megaswift.pipelines.export:export_main',
                       'convert checkpoints: HF -> mcore (--to_mcore) or mcore -> HF (--to_hf), at any TP/PP',
                       torchrun=True),
+    'sft': Command('megaswift.arguments.train:SftArguments', 'megaswift.pipelines.train:sft_main',
+                   'supervised fine-tuning on megatron-core (TP/PP/VPP/SP/DP, packing, loss scale, resume)',
+                   torchrun=True),
+    'pt': Command('megaswift.arguments.train:PtArguments', 'megaswift.pipelines.train:pt_main',
+                  'continued pre-training on plain text on megatron-core (loss on every token)', torchrun=True),
 }
 
 
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ImportError, ConnectionError, FileNotFoundError) as e:
         if os.environ.get('MEGASWIFT_DEBUG'):
             raise
-        print(f'megaswift {name}: error: {e}', file=sys.stderr)
+        if os.environ.get('RANK', '0') == '0':  # under torchrun every rank fails alike: say it once
+            print(f'megaswift {name}: error: {e}', file=sys.stderr)
         return 1
     return 0
 
