@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/testing_utils.py
+
+from testing_utils import build_tiny_model  # noqa: E402
 SMOLLM2 = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 
 
@@ -17,37 +20,6 @@ SMOLLM2 = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 def smollm2_dir() -> str:
     from megaswift.model import resolve_model_dir
     return resolve_model_dir(SMOLLM2)
-
-
-def build_tiny_model(out: Path, family: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
-    """A random-init HF model of ``family`` (llama | qwen2 | qwen3) with SmolLM2's real tokenizer.
-
-    head_dim is 64 so that vLLM's CPU attention accepts it.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id)
-    common.update(overrides)
-    if family == 'llama':
-        cfg, cls = LlamaConfig(**common), LlamaForCausalLM
-    elif family == 'qwen2':
-        cfg, cls = Qwen2Config(**common), Qwen2ForCausalLM
-    elif family == 'qwen3':
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-        cfg, cls = Qwen3Config(head_dim=64, **common), Qwen3ForCausalLM
-    else:
-        raise ValueError(family)
-    torch.manual_seed(seed)
-    model = cls(cfg)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 @pytest.fixture(scope='session')

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model  # tests/conftest.py (pytest puts tests/ on sys.path)
+from testing_utils import build_tiny_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

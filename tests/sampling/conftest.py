@@ -3,10 +3,6 @@ import json
 import pytest
 
 
-def read_jsonl(path):
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
-
 
 @pytest.fixture
 def math_rows():

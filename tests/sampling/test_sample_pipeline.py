@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl
+from testing_utils import read_jsonl
 
 from megaswift.arguments.sampling import SamplingArguments
 from megaswift.dataset import row_id

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import read_jsonl
+from testing_utils import read_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
 

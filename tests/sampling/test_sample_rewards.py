@@ -4,7 +4,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import read_jsonl
+from testing_utils import read_jsonl
 
 from megaswift.arguments.sampling import SamplingArguments
 from megaswift.pipelines.sample import sample_main

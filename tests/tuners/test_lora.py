@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from testing_utils import build_tiny_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
