@@ -1,0 +1,208 @@
+"""``megaswift sft`` / ``megaswift pt``: wire the arguments to the megatron-core trainer.
+
+Order of work, so that bad input fails in seconds: flags (parse time) -> model config, layout and checkpoint
+checks (``preflight``) -> process groups -> dataset load, encode (cached; rank 0 first), packing, batch plan ->
+model build and weights -> training.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..arguments.base import ArgumentError
+from ..arguments.train import PtArguments, SftArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    model_dir: str
+    hf_config: object
+    max_length: int
+    resume_dir: Optional[Path] = None
+
+
+def preflight(args) -> Plan:
+    """Everything that can be checked from the flags, the model's config and the output directory."""
+    from ..megatron import get_model_family
+    from ..utils.errors import UserError
+    if args.model:
+        from ..model import resolve_model_dir
+        model_dir = resolve_model_dir(args.model)
+    else:
+        model_dir = args.mcore_model
+        if not os.path.isfile(os.path.join(model_dir, 'config.json')):
+            raise ArgumentError(f"--mcore_model '{model_dir}' has no config.json; pass --model too (the HF model "
+                                f'whose config and tokenizer to use)')
+    from transformers import AutoConfig
+    try:
+        hf_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ArgumentError(f"cannot read the HF config of '{model_dir}': {str(e).splitlines()[0]}") from None
+    try:
+        family = get_model_family(hf_config)
+        family.validate_parallel(hf_config, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                 args.virtual_pipeline_model_parallel_size)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    max_pos = int(getattr(hf_config, 'max_position_embeddings', 0) or 0)
+    max_length = args.max_length or max_pos or 2048
+    if max_pos and max_length > max_pos:
+        logger.warning('--max_length %d exceeds the model\'s max_position_embeddings %d', max_length, max_pos)
+    resume_dir = None
+    from ..trainers.checkpoint import (check_optimizer_compatible, output_dir_has_checkpoint, read_trainer_state,
+                                       resolve_resume_dir)
+    if args.resume_from_checkpoint:
+        resume_dir = resolve_resume_dir(args.resume_from_checkpoint, args.output_dir)
+        check_optimizer_compatible(read_trainer_state(resume_dir), args, resume_dir)
+    elif output_dir_has_checkpoint(args.output_dir) and not args.overwrite_output_dir:
+        raise ArgumentError(f"--output_dir '{args.output_dir}' already holds checkpoints; pass "
+                            f'--resume_from_checkpoint true to continue that run, --overwrite_output_dir true to '
+                            f'start over there, or another --output_dir')
+    from ..trainers.loop import build_eval_metrics
+    build_eval_metrics(list(args.metrics))  # unknown or unusable --metrics fail here, not after the model is built
+    if args.mcore_model and not os.path.isdir(args.mcore_model):
+        raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
+    return Plan(model_dir, hf_config, int(max_length), resume_dir)
+
+
+def prepare_data(args, plan: Plan):
+    """Encoded, packed train (and eval) data and the number of optimizer steps."""
+    from ..model import load_tokenizer
+    from ..template.packing import padding_multiple
+    from ..trainers.data import (Collator, PlainTextEncoder, TrainDataError, build_items, encode_on_rank0_first,
+                                 load_rows, split_rows)
+    from ..trainers.loop import TrainData
+    tokenizer = load_tokenizer(plan.model_dir)
+    if args.use_chat_template:
+        from ..template import get_template
+        try:
+            encoder = get_template(tokenizer, args.template, agent_template=args.agent_template,
+                                   loss_scale=args.loss_scale, system=args.system, max_length=plan.max_length,
+                                   truncation_strategy=args.truncation_strategy)
+        except ValueError as e:
+            raise ArgumentError(f'--template: {e}') from None
+        encoder.set_mode('train')
+    else:
+        encoder = PlainTextEncoder(tokenizer, plan.max_length, args.truncation_strategy)
+    rows = load_rows(args.dataset, args.data_seed, chat=args.use_chat_template)
+    train_rows, val_rows = split_rows(rows, args.split_dataset_ratio, args.data_seed)
+    if args.val_dataset:
+        extra = load_rows(args.val_dataset, args.data_seed, chat=args.use_chat_template)
+        if val_rows is not None:
+            extra.rows += val_rows.rows
+            extra.sources += val_rows.sources
+        val_rows = extra
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    multiple = padding_multiple(args.tensor_model_parallel_size, 1, args.sequence_parallel)
+
+    def collator(row_set, desc):
+        encoded = encode_on_rank0_first(row_set, encoder, args.dataset_num_proc, desc)
+        items = build_items(encoded, args.packing, plan.max_length)
+        return Collator(encoded, items, args.padding_free, multiple, pad_id, plan.max_length), len(items)
+
+    train_collator, n_items = collator(train_rows, 'encoding train set')
+    data = TrainData(train_collator, n_items)
+    if val_rows is not None and len(val_rows):
+        data.val_collator, data.val_num_items = collator(val_rows, 'encoding eval set')
+    if args.max_steps:
+        max_steps = int(args.max_steps)
+    else:
+        max_steps = max(1, math.ceil(args.num_train_epochs * n_items / args.global_batch_size))
+    if n_items < args.global_batch_size:
+        logger.warning('the training set has %d %s, fewer than --global_batch_size %d: a step repeats items',
+                       n_items, 'packed rows' if args.packing else 'samples', args.global_batch_size)
+    if args.warmup_steps and args.warmup_steps >= max_steps:
+        raise TrainDataError(f'--warmup_steps {args.warmup_steps} must be smaller than the number of training steps '
+                             f'({max_steps})')
+    stats = train_collator.encoded.lengths
+    logger.info('train set: %d samples -> %d %s, %d tokens (mean %.1f, max %d); %d steps of %d items',
+                len(stats), n_items, 'packed rows' if args.packing else 'items', int(stats.sum()),
+                float(stats.mean()), int(stats.max()), max_steps, args.global_batch_size)
+    return data, max_steps
+
+
+def build_callback_list(args) -> list:
+    """``megaswift.callbacks``: the defaults (progress/log lines, logging.jsonl, loss curve) + --callbacks +
+    --report_to. Without that package the trainer prints and writes logging.jsonl itself."""
+    try:
+        from ..callbacks import build_callbacks
+    except ImportError as e:
+        if args.callbacks or args.report_to:
+            raise ArgumentError(f'--callbacks/--report_to: megaswift.callbacks cannot be imported ({e})') from None
+        return []
+    return list(build_callbacks(list(args.callbacks), args))
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(int(seed))
+
+
+def train_main(args):
+    """Run ``sft`` / ``pt`` with ``args``; returns the final ``TrainerState`` (``log_history`` holds the logs)."""
+    import torch
+    for pattern in (r'.*(Transformer Engine|Apex) (and Apex )?(are|is) not installed', r'.*Falling back to Torch Norm',
+                    r'full scope is deprecated', r'.*`torch.distributed.(reduce_scatter|all_gather_into)_tensor`',
+                    r'The .grad attribute of a Tensor that is not a leaf'):
+        warnings.filterwarnings('ignore', message=pattern)
+    plan = preflight(args)
+    from ..megatron import ParallelConfig, destroy_parallel, initialize_parallel
+    owns_world = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    initialize_parallel(ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                       args.virtual_pipeline_model_parallel_size, args.sequence_parallel),
+                        seed=args.seed)
+    try:
+        _seed_everything(args.seed)
+        from ..trainers.checkpoint import remove_partial_saves
+        from ..trainers.loop import Trainer
+        data, max_steps = prepare_data(args, plan)
+        trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args))
+        output_dir = Path(args.output_dir)
+        if torch.distributed.get_rank() == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_saves(output_dir)
+            (output_dir / 'args.json').write_text(_args_json(args))
+        trainer.setup(plan.resume_dir)
+        if plan.resume_dir is not None:
+            logger.info('resumed from %s at step %d', plan.resume_dir, trainer.state.global_step)
+        torch.distributed.barrier()
+        state = trainer.train()
+        torch.distributed.barrier()
+    finally:
+        destroy_parallel(destroy_process_group=owns_world)
+    return state
+
+
+def _args_json(args) -> str:
+    import json
+    out = {}
+    for k, v in args.to_dict().items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except (TypeError, ValueError):
+            out[k] = str(v)
+    return json.dumps(out, indent=2) + '\n'
+
+
+def sft_main(args: SftArguments | None = None, **kwargs):
+    """``megaswift sft``; ``sft_main(model=..., dataset=[...], ...)`` works too."""
+    return train_main(args if args is not None else SftArguments(**kwargs))
+
+
+def pt_main(args: PtArguments | None = None, **kwargs):
+    """``megaswift pt``: continued pre-training on plain text (``text`` column), loss on every token."""
+    return train_main(args if args is not None else PtArguments(**kwargs))

@@ -1,0 +1,145 @@
+"""Build the trainable model at the current layout: mcore chunks, weights, tuner, Float16Module, DDP."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from ..utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+class TrainSetupError(UserError, RuntimeError):
+    pass
+
+
+def resolve_train_dtype(args) -> torch.dtype:
+    """--bf16 / --fp16 win; else --torch_dtype; 'auto' = bf16 on a bf16-capable GPU, fp32 on CPU."""
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    name = (args.torch_dtype or 'auto').lower()
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16, 'float16': torch.float16, 'fp16': torch.float16,
+            'float32': torch.float32, 'fp32': torch.float32}[name]
+
+
+def config_overrides(args, pp: int, vpp, from_weights: bool) -> dict:
+    out = {'calculate_per_token_loss': True}     # loss.py normalises by the step's global token count
+    if pp > 1 and not vpp:
+        # packed rows differ in length: the 1F1B schedule exchanges shapes between stages (the MoE dispatcher
+        # setting only satisfies a config check; the model has no experts). The interleaved schedule gets
+        # micro-batches padded to one length instead (loop.py).
+        out.update(variable_seq_lengths=True, moe_token_dispatcher_type='alltoall')
+    if pp > 1 and not torch.cuda.is_available():
+        # gloo matches a pair's point-to-point messages in posting order: batched ops that send activations
+        # and gradients to the same peer (PP=2 interleaved: prev == next) would swap them silently
+        out['batch_p2p_comm'] = False
+    if from_weights:
+        out['perform_initialization'] = False    # every weight is overwritten by the load
+    if args.recompute_granularity == 'full':
+        out.update(recompute_granularity='full', recompute_method=args.recompute_method,
+                   recompute_num_layers=int(args.recompute_num_layers))
+    elif args.recompute_granularity == 'selective':
+        out.update(recompute_granularity='selective')
+    return out
+
+
+def apply_tuner(models: list, args) -> None:
+    """--tuner_type through megaswift.tuners (full / freeze / lora), before DDP and the optimizer."""
+    try:
+        from ..tuners import prepare_model
+    except ImportError as e:
+        if args.tuner_type == 'full' and not args.freeze_parameters:
+            return
+        raise TrainSetupError(f'--tuner_type {args.tuner_type}: megaswift.tuners cannot be imported ({e})') from None
+    prepare_model(models, args)
+
+
+def tag_tensor_parallel_weights(models: list) -> int:
+    """Give TP-split weights megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes.
+
+    megatron-core sets them only inside its random initialisation, so a model built with
+    ``perform_initialization=False`` (weights loaded afterwards) has untagged weights, and the optimizer
+    then treats every TP shard but rank 0's as a duplicate: the grad norm (and so clipping) misses the
+    other ranks' shards. Returns the number of weights tagged.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+    tagged = 0
+    for model in models:
+        gated = bool(getattr(model.config, 'gated_linear_unit', False))
+        for name, module in model.named_modules():
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+                dim = 0
+            elif isinstance(module, RowParallelLinear):
+                dim = 1
+            else:
+                continue
+            weight = getattr(module, 'weight', None)
+            if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, 'tensor_model_parallel'):
+                continue
+            stride = 2 if gated and name.endswith('mlp.linear_fc1') else 1
+            set_tensor_model_parallel_attributes(weight, True, dim, stride)
+            tagged += 1
+    return tagged
+
+
+def build_train_models(args, hf_config, model_dir: Optional[str], dtype: torch.dtype, pcfg,
+                       init_from: str = 'hf') -> list:
+    """This rank's model chunks, loaded (``init_from``: 'hf' weights of ``model_dir``, 'mcore' checkpoint
+    ``args.mcore_model``, or 'none' when a training checkpoint will be loaded), tuned and DDP-wrapped."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from ..megatron import build_model, load_hf_weights
+    models = build_model(hf_config, dtype=dtype, parallel_config=pcfg,
+                         config_overrides=config_overrides(args, pcfg.pipeline_model_parallel_size,
+                                                           pcfg.virtual_pipeline_model_parallel_size,
+                                                           from_weights=init_from != 'random'))
+    tag_tensor_parallel_weights(models)
+    if init_from == 'hf':
+        load_hf_weights(models, model_dir)
+    elif init_from == 'mcore':
+        from ..megatron.checkpoint import load_mcore_checkpoint
+        load_mcore_checkpoint(models, args.mcore_model)
+    apply_tuner(models, args)
+    config = models[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=bool(args.use_distributed_optimizer), check_for_nan_in_grad=False)
+    wrapped = []
+    for i, model in enumerate(models):
+        module = Float16Module(config, model) if dtype in (torch.bfloat16, torch.float16) else model
+        # as Megatron-LM: only the first chunk's buffers are bucketed (VPP chunks > 0 sync with it)
+        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0))
+    if init_from == 'random':
+        for m in wrapped:
+            m.broadcast_params()
+    return wrapped
+
+
+def attach_schedule_hooks(ddp_models: list, optimizer) -> None:
+    """The model-config callbacks megatron-core's schedules call (as Megatron-LM's training.py sets them)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        # the loss is already divided by the step's global token count: reduce (sum) only, never rescale
+        finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+
+    config = ddp_models[0].config
+    config.no_sync_func = [m.no_sync for m in ddp_models] if len(ddp_models) > 1 else ddp_models[0].no_sync
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize
+
+
+def trainable_parameter_count(ddp_models: list) -> tuple[int, int]:
+    trainable = sum(p.numel() for m in ddp_models for p in m.parameters() if p.requires_grad)
+    total = sum(p.numel() for m in ddp_models for p in m.parameters())
+    return trainable, total
