@@ -226,7 +226,7 @@ class LogArguments:
 @dataclass
 class EvalArguments:
     eval_steps: int | None = None        # default: --save_steps
-    metrics: list[str] = field(default_factory=list)  # extra metrics beside loss and acc
+    eval_metric: list[str] = field(default_factory=list)  # extra metrics beside loss and acc
 
     def _check(self):
         if self.eval_steps is not None and self.eval_steps < 1:

@@ -69,7 +69,7 @@ def preflight(args) -> Plan:
                             f'--resume_from_checkpoint true to continue that run, --overwrite_output_dir true to '
                             f'start over there, or another --output_dir')
     from ..trainers.loop import build_eval_metrics
-    build_eval_metrics(list(args.metrics))  # unknown or unusable --metrics fail here, not after the model is built
+    build_eval_metrics(list(args.eval_metric))  # unknown or unusable --eval_metric fail here, not after the model is built
     if args.mcore_model and not os.path.isdir(args.mcore_model):
         raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
     return Plan(model_dir, hf_config, int(max_length), resume_dir)

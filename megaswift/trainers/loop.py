@@ -97,7 +97,7 @@ class Trainer:
         self._build_metrics()
 
     def _build_metrics(self) -> None:
-        self.metrics = build_eval_metrics(getattr(self.args, 'metrics', None) or [])
+        self.metrics = build_eval_metrics(getattr(self.args, 'eval_metric', None) or [])
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -199,7 +199,7 @@ class Trainer:
         return metrics
 
     def _extra_metrics(self, outputs: list) -> dict:
-        """``--metrics``: updated on the last pipeline stage, all-reduced over DP inside ``compute``."""
+        """``--eval_metric``: updated on the last pipeline stage, all-reduced over DP inside ``compute``."""
         if not self.metrics:
             return {}
         result = {}
@@ -289,7 +289,7 @@ EVAL_OUTPUTS = ('loss_sum', 'num_tokens', 'correct', 'preds', 'labels', 'token_l
 
 
 def build_eval_metrics(names: list[str]) -> list:
-    """``--metrics`` beyond the built-in eval loss and token accuracy (``megaswift.metrics``), checked against
+    """``--eval_metric`` beyond the built-in eval loss and token accuracy (``megaswift.metrics``), checked against
     what a teacher-forced evaluation step produces (``EVAL_OUTPUTS``: per-token predictions and labels of the
     loss tokens, summed losses and counts)."""
     from ..arguments.base import ArgumentError
@@ -299,16 +299,16 @@ def build_eval_metrics(names: list[str]) -> list:
     try:
         from ..metrics import build_metrics
     except ImportError as e:
-        raise ArgumentError(f'--metrics {names}: megaswift.metrics cannot be imported ({e})') from None
+        raise ArgumentError(f'--eval_metric {names}: megaswift.metrics cannot be imported ({e})') from None
     try:
         built = build_metrics(names)
     except ValueError as e:
-        raise ArgumentError(f'--metrics: {e}') from None
+        raise ArgumentError(f'--eval_metric: {e}') from None
     metrics = dict(built) if isinstance(built, dict) else dict(zip(names, built))
     for name, metric in metrics.items():
         missing = [k for k in getattr(metric, 'inputs', ()) if k not in EVAL_OUTPUTS]
         if missing:
-            raise ArgumentError(f"--metrics {name}: needs {missing}, which evaluation on megatron-core does not "
+            raise ArgumentError(f"--eval_metric {name}: needs {missing}, which evaluation on megatron-core does not "
                                 f"produce (it has {', '.join(EVAL_OUTPUTS)}; generated text needs megaswift sample)")
     return list(metrics.values())
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
+from testing_utils import build_tiny_model
 from train_cases import write_chat_data
 
 pytestmark = pytest.mark.slow

@@ -252,7 +252,7 @@ def test_eval_metrics_are_checked_against_what_evaluation_produces():
     from megaswift.arguments.base import ArgumentError
     from megaswift.trainers.loop import build_eval_metrics
     assert build_eval_metrics(['loss', 'acc']) == []  # built in
-    with pytest.raises(ArgumentError, match=r"--metrics nlg: needs \['predictions', 'references'\]"):
+    with pytest.raises(ArgumentError, match=r"--eval_metric nlg: needs \['predictions', 'references'\]"):
         build_eval_metrics(['nlg'])
-    with pytest.raises(ArgumentError, match="--metrics: .*unknown metric 'bleu9'"):
+    with pytest.raises(ArgumentError, match="--eval_metric: .*unknown metric 'bleu9'"):
         build_eval_metrics(['bleu9'])

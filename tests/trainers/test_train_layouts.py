@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model  # tests/conftest.py (pytest puts tests/ on sys.path)
+from testing_utils import build_tiny_model
 from train_cases import write_chat_data, write_text_data
 
 HERE = Path(__file__).resolve().parent
