@@ -93,4 +93,34 @@ def build_model(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Option
             model.cuda(torch.cuda.current_device())
         model.megaswift_info = ModelInfo(hf_config, family, vocab, padded, vp_stage, bool(use_te))
         models.append(model)
+    tag_tensor_parallel_weights(models)  # also when perform_initialization=False (weights loaded later)
     return models
+
+
+def tag_tensor_parallel_weights(models: list) -> int:
+    """Give TP-split weights megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes.
+
+    megatron-core sets them only inside its random initialisation, so a model built with
+    ``perform_initialization=False`` (weights loaded afterwards) has untagged weights, and the optimizer
+    then treats every TP shard but rank 0's as a duplicate: the grad norm (and so clipping) misses the
+    other ranks' shards. Returns the number of weights tagged.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
+    tagged = 0
+    for model in models:
+        gated = bool(getattr(model.config, 'gated_linear_unit', False))
+        for name, module in model.named_modules():
+            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+                dim = 0
+            elif isinstance(module, RowParallelLinear):
+                dim = 1
+            else:
+                continue
+            weight = getattr(module, 'weight', None)
+            if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, 'tensor_model_parallel'):
+                continue
+            stride = 2 if gated and name.endswith('mlp.linear_fc1') else 1
+            set_tensor_model_parallel_attributes(weight, True, dim, stride)
+            tagged += 1
+    return tagged

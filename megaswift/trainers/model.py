@@ -62,35 +62,6 @@ def apply_tuner(models: list, args) -> None:
     prepare_model(models, args)
 
 
-def tag_tensor_parallel_weights(models: list) -> int:
-    """Give TP-split weights megatron-core's ``tensor_model_parallel`` / ``partition_dim`` attributes.
-
-    megatron-core sets them only inside its random initialisation, so a model built with
-    ``perform_initialization=False`` (weights loaded afterwards) has untagged weights, and the optimizer
-    then treats every TP shard but rank 0's as a duplicate: the grad norm (and so clipping) misses the
-    other ranks' shards. Returns the number of weights tagged.
-    """
-    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                                      VocabParallelEmbedding, set_tensor_model_parallel_attributes)
-    tagged = 0
-    for model in models:
-        gated = bool(getattr(model.config, 'gated_linear_unit', False))
-        for name, module in model.named_modules():
-            if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
-                dim = 0
-            elif isinstance(module, RowParallelLinear):
-                dim = 1
-            else:
-                continue
-            weight = getattr(module, 'weight', None)
-            if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, 'tensor_model_parallel'):
-                continue
-            stride = 2 if gated and name.endswith('mlp.linear_fc1') else 1
-            set_tensor_model_parallel_attributes(weight, True, dim, stride)
-            tagged += 1
-    return tagged
-
-
 def build_train_models(args, hf_config, model_dir: Optional[str], dtype: torch.dtype, pcfg,
                        init_from: str = 'hf') -> list:
     """This rank's model chunks, loaded (``init_from``: 'hf' weights of ``model_dir``, 'mcore' checkpoint
@@ -103,7 +74,6 @@ def build_train_models(args, hf_config, model_dir: Optional[str], dtype: torch.d
                          config_overrides=config_overrides(args, pcfg.pipeline_model_parallel_size,
                                                            pcfg.virtual_pipeline_model_parallel_size,
                                                            from_weights=init_from != 'random'))
-    tag_tensor_parallel_weights(models)
     if init_from == 'hf':
         load_hf_weights(models, model_dir)
     elif init_from == 'mcore':
