@@ -10,7 +10,7 @@ Exports (imported on first use, so ``import megaswift.megatron`` does not import
 """
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_getattr
 
 _LAZY = {
     'ParallelConfig': 'parallel', 'initialize_parallel': 'parallel', 'destroy_parallel': 'parallel',
@@ -25,10 +25,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f'megaswift.megatron.{_LAZY[name]}'), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -116,19 +116,25 @@ def load_hf_weights(models, hf_dir: str, *, tp_group=None) -> None:
     tp_rank, tp_size = torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group)
     ckpt = HFCheckpoint(hf_dir)
     try:
-        for model in models:
-            model = unwrap_model(model)
-            info = model.megaswift_info
-            ctx = info.weight_context()
-            wmap = info.family.weight_map(info.hf_config)
-            for name, param in _model_tensors(model):
-                rule, layer = wmap.match(name)
-                if rule is None:
-                    raise WeightLoadError(f'no weight rule of family {info.family.model_type!r} maps megatron-core '
-                                          f'parameter {name!r}')
-                _load_one(ckpt, rule, layer, name, param, ctx, tp_rank, tp_size)
+        for name, param, rule, layer, ctx in _mapped_tensors(models):
+            _load_one(ckpt, rule, layer, name, param, ctx, tp_rank, tp_size)
     finally:
         ckpt.close()
+
+
+def _mapped_tensors(models):
+    """(mcore name, tensor, weight rule, global layer, weight context) for every tensor of this rank's models."""
+    for model in models:
+        model = unwrap_model(model)
+        info = model.megaswift_info
+        ctx = info.weight_context()
+        wmap = info.family.weight_map(info.hf_config)
+        for name, param in _model_tensors(model):
+            rule, layer = wmap.match(name)
+            if rule is None:
+                raise WeightLoadError(f'no weight rule of family {info.family.model_type!r} maps megatron-core '
+                                      f'parameter {name!r}')
+            yield name, param, rule, layer, ctx
 
 
 def _load_one(ckpt, rule, layer, name, param, ctx, tp_rank, tp_size):
@@ -157,20 +163,13 @@ def _load_one(ckpt, rule, layer, name, param, ctx, tp_rank, tp_size):
 def _owned_units(models):
     """unit -> [(rule, global layer or None, param, ctx)] for this rank; units: "embedding", layer ints, "final"."""
     units = {}
-    for model in models:
-        model = unwrap_model(model)
-        info = model.megaswift_info
-        ctx = info.weight_context()
-        wmap = info.family.weight_map(info.hf_config)
-        for name, param in _model_tensors(model):
-            rule, layer = wmap.match(name)
-            if rule is None:
-                raise WeightLoadError(f'no weight rule maps megatron-core parameter {name!r}')
-            if not rule.export:
-                continue
-            unit = layer if layer is not None else ('embedding' if name.startswith('embedding.') else 'final')
-            units.setdefault(unit, []).append((rule, layer, param, ctx))
-    return units, wmap, info.hf_config.num_hidden_layers
+    for name, param, rule, layer, ctx in _mapped_tensors(models):
+        if not rule.export:
+            continue
+        unit = layer if layer is not None else ('embedding' if name.startswith('embedding.') else 'final')
+        units.setdefault(unit, []).append((rule, layer, param, ctx))
+    info = unwrap_model(models[0]).megaswift_info
+    return units, info.family.weight_map(info.hf_config), info.hf_config.num_hidden_layers
 
 
 @torch.no_grad()

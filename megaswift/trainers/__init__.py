@@ -3,17 +3,11 @@ schedules (``optim.py``), checkpoints (``checkpoint.py``). ``megaswift.pipelines
 ``sft`` / ``pt`` commands. Importing this package does not import megatron-core."""
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_getattr
 
 _LAZY = {'Trainer': 'loop', 'TrainerState': 'loop', 'TrainData': 'loop', 'optimizers': 'optim',
          'param_group_hooks': 'optim', 'vocab_parallel_token_loss': 'loss', 'micro_batch_loss': 'loss',
          'StepSampler': 'data', 'Collator': 'data', 'PlainTextEncoder': 'data'}
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f'megaswift.trainers.{_LAZY[name]}'), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -6,7 +6,7 @@ Names are imported on first use, so ``import megaswift.tuners`` does not import 
 """
 from __future__ import annotations
 
-import importlib
+from ..utils.lazy import lazy_getattr
 
 _LAZY = {
     'prepare_model': 'base', 'tuners': 'base', 'TunerError': 'base', 'trainable_parameters': 'base',
@@ -18,10 +18,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f'megaswift.tuners.{_LAZY[name]}'), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+__getattr__ = lazy_getattr(__name__, _LAZY)
