@@ -210,14 +210,19 @@ def main():
         for r in rows:
             if r['tool'] == 'megaswift':
                 r['notes'] += f'; ratio megaswift/swift {ratio:.3f}'
-    if rows:
-        append_csv(args.csv, rows)
-        print(f'appended {len(rows)} row(s) to {args.csv}')
     ok = all(len(runs[t]) == args.repeats for t in tools)
+    return finish(args.csv, rows, ok, log_dir, 'tool')
+
+
+def finish(csv_path, rows: list[dict], ok: bool, log_dir, what: str) -> int:
+    """Append the CSV rows; keep the per-run logs only when something failed. Returns the exit code."""
+    if rows:
+        append_csv(csv_path, rows)
+        print(f'appended {len(rows)} row(s) to {csv_path}')
     if ok:
         shutil.rmtree(log_dir, ignore_errors=True)
     else:
-        print(f'logs of the last run per tool: {log_dir}')
+        print(f'logs of the last run per {what}: {log_dir}')
     return 0 if ok else 1
 
 

@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_vs_swift import (MAIN_PY, MODEL_ID, ROOT, SWIFT_VENV, append_csv, child_cpu_s, cpu_busy_s,  # noqa: E402
+from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, child_cpu_s, finish, cpu_busy_s,  # noqa: E402
                              megaswift_entry, resolve_model, wait_quiet)
 
 DATASET = ROOT / 'benchmarks' / 'data' / 'sft64.jsonl'
@@ -209,15 +208,8 @@ def main():
             ratio = best['megaswift-packed'] / best[v]
             print(f'ratio tokens/s megaswift-packed / {v}: {ratio:.2f}x')
             rows[0]['notes'] += f'; tokens/s ratio vs {v} {ratio:.2f}x'
-    if rows:
-        append_csv(args.csv, rows)
-        print(f'appended {len(rows)} row(s) to {args.csv}')
     ok = all(not r['failed'] for v in variants for r in runs[v])
-    if ok:
-        shutil.rmtree(log_dir, ignore_errors=True)
-    else:
-        print(f'logs of the last run per variant: {log_dir}')
-    return 0 if ok else 1
+    return finish(args.csv, rows, ok, log_dir, 'variant')
 
 
 if __name__ == '__main__':
