@@ -39,3 +39,37 @@ def build_tiny_model(out: Path, family: str, tokenizer_dir: str, seed: int = 0, 
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+def run_case_script(script: Path, root: Path, setup_file: Path, timeout: float = 420,
+                    env_per_world: dict[int, dict] | None = None) -> dict:
+    """Run a distributed case script once per world size, concurrently, and merge their JSON results.
+
+    World size 1 runs as a plain process and world size 2 under torchrun (gloo); each writes
+    ``root/world{N}.json``. megatron-core cases run in subprocesses because the CPU compatibility
+    layer is process-wide. A failed launch fails the test with the end of its output.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'NPROC_PER_NODE')}
+    env['PYTHONPATH'] = str(repo) + os.pathsep + env.get('PYTHONPATH', '')
+    env.setdefault('OMP_NUM_THREADS', '1')
+    cmds = {1: [sys.executable, str(script)],
+            2: [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', str(script)]}
+    procs = {w: subprocess.Popen([*cmd, str(root / f'world{w}.json'), str(setup_file)],
+                                 env={**env, **(env_per_world or {}).get(w, {})}, cwd=root,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for w, cmd in cmds.items()}
+    merged = {}
+    for w, proc in procs.items():
+        out, _ = proc.communicate(timeout=timeout)
+        path = root / f'world{w}.json'
+        if proc.returncode != 0 or not path.exists():
+            pytest.fail(f'world size {w} run failed ({proc.returncode}):\n{out[-8000:]}')
+        merged.update(json.loads(path.read_text()))
+    return merged

@@ -7,18 +7,14 @@ CPU compatibility layer is applied only in those processes, never in pytest's.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from mcore_tiny import build_all
+from testing_utils import run_case_script
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 FAMILIES = ('llama_tied', 'llama_untied', 'qwen2', 'qwen3', 'mistral')
 TOL = 1e-5
 
@@ -29,25 +25,7 @@ pytestmark = pytest.mark.slow
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp('mcore_models')
     build_all(root / 'hf')
-    manifest = str(root / 'hf' / 'manifest.json')
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
-    env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
-    env.setdefault('OMP_NUM_THREADS', '1')
-    script = str(HERE / 'dist_model_cases.py')
-    cmds = {1: [sys.executable, script], 2: [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
-                                            '--standalone', script]}
-    procs = {w: subprocess.Popen([*cmd, str(root / f'world{w}.json'), manifest], env=env, cwd=root,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for w, cmd in cmds.items()}
-    merged = {}
-    for w, proc in procs.items():
-        out, _ = proc.communicate(timeout=400)
-        path = root / f'world{w}.json'
-        if proc.returncode != 0 or not path.exists():
-            pytest.fail(f'world size {w} run failed ({proc.returncode}):\n{out[-8000:]}')
-        merged.update(json.loads(path.read_text()))
-    return merged
+    return run_case_script(HERE / 'dist_model_cases.py', root, root / 'hf' / 'manifest.json', timeout=400)
 
 
 def _entries(results, case):

@@ -9,18 +9,14 @@ random llama (4 layers, GQA 2 KV heads, tied embeddings) and qwen2 (QKV bias) mo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from testing_utils import build_tiny_model
+from testing_utils import build_tiny_model, run_case_script
 from train_cases import write_chat_data, write_text_data
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 LOSS_TOL = 1e-5
 GRAD_NORM_RTOL = 1e-4
 
@@ -34,26 +30,9 @@ def results(tmp_path_factory, smollm2_dir):
              'model_qwen2': build_tiny_model(root / 'qwen2', 'qwen2', smollm2_dir, seed=1, num_key_value_heads=2),
              'dataset': write_chat_data(root / 'chat.jsonl'), 'text_dataset': write_text_data(root / 'text.jsonl')}
     (root / 'setup.json').write_text(json.dumps(setup))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'NPROC_PER_NODE')}
-    env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
-    env.setdefault('OMP_NUM_THREADS', '1')
-    script = str(HERE / 'train_cases.py')
-    cmds = {1: [sys.executable, script],
-            2: [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', script]}
-    procs = {}
-    for w, cmd in cmds.items():  # one encode cache per launch: the two never race on a cache directory
-        procs[w] = subprocess.Popen([*cmd, str(root / f'world{w}.json'), str(root / 'setup.json')],
-                                    env={**env, 'MEGASWIFT_CACHE': str(root / f'cache{w}')}, cwd=root,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    merged = {}
-    for w, proc in procs.items():
-        out, _ = proc.communicate(timeout=420)
-        path = root / f'world{w}.json'
-        if proc.returncode != 0 or not path.exists():
-            pytest.fail(f'world size {w} run failed ({proc.returncode}):\n{out[-8000:]}')
-        merged.update(json.loads(path.read_text()))
-    return merged
+    # one encode cache per launch: the two never race on a cache directory
+    return run_case_script(HERE / 'train_cases.py', root, root / 'setup.json', timeout=420,
+                           env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
 
 
 def trajectory(results, case) -> dict:
