@@ -110,15 +110,20 @@ def wait_quiet(limit_s, threshold=1.0):
             return os.getloadavg()[0], time.monotonic() - t0
 
 
-def run_once(tool, model_dir, keep_log_dir, max_wait):
-    """Run one CLI process; return (wall_s, output lines, load at start, CPU s used by other processes meanwhile)."""
+def measured_run(name, build_cmd, log_dir, max_wait, collect):
+    """Wait for a quiet machine, run ``build_cmd(tmp)`` with its output in ``log_dir/name.log``, and call
+    ``collect(tmp)`` while the temporary directory still exists (only when the process succeeded).
+
+    Returns a dict: proc, cmd, log, wall, own (CPU s of the run), other (CPU s of other processes
+    meanwhile), load (1-min load at the start), result (what ``collect`` returned, else None).
+    """
     load, waited = wait_quiet(max_wait)
-    print(f'[{tool}] load avg (1/5/15 min) = {"/".join(f"{x:.2f}" for x in os.getloadavg())}'
+    print(f'[{name}] load avg (1/5/15 min) = {"/".join(f"{x:.2f}" for x in os.getloadavg())}'
           f'{f" after waiting {waited:.0f}s" if waited >= 5 else ""}')
     env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONUNBUFFERED='1')
-    with tempfile.TemporaryDirectory(prefix=f'bench_{tool}_') as tmp:
-        cmd = command(tool, model_dir, tmp)
-        log = Path(keep_log_dir) / f'{tool}.log'
+    with tempfile.TemporaryDirectory(prefix=f'bench_{name}_') as tmp:
+        cmd = build_cmd(tmp)
+        log = Path(log_dir) / f'{name}.log'
         with open(log, 'w') as fh:
             busy0, own0 = cpu_busy_s(), child_cpu_s()
             t0 = time.perf_counter()
@@ -126,14 +131,29 @@ def run_once(tool, model_dir, keep_log_dir, max_wait):
             wall = time.perf_counter() - t0
             own = child_cpu_s() - own0
             other = max(0.0, cpu_busy_s() - busy0 - own)
+        result = collect(tmp) if proc.returncode == 0 else None
+    return {'proc': proc, 'cmd': cmd, 'log': log, 'wall': wall, 'own': own, 'other': other, 'load': load,
+            'result': result}
+
+
+def log_tail(log, lines=25):
+    return ''.join(Path(log).read_text(errors='replace').splitlines(True)[-lines:])
+
+
+def run_once(tool, model_dir, keep_log_dir, max_wait):
+    """Run one CLI process; return (wall_s, output lines, load at start, CPU s used by other processes meanwhile)."""
+    def count_lines(tmp):
         out = Path(tmp) / 'out.jsonl'
-        lines = sum(1 for ln in out.read_text().splitlines() if ln.strip()) if out.exists() else 0
-    if proc.returncode != 0:
-        tail = ''.join(log.read_text().splitlines(True)[-25:])
-        print(f'[{tool}] FAILED rc={proc.returncode}; command:\n  {" ".join(cmd)}\n--- log tail ---\n{tail}')
+        return sum(1 for ln in out.read_text().splitlines() if ln.strip()) if out.exists() else 0
+
+    run = measured_run(tool, lambda tmp: command(tool, model_dir, tmp), keep_log_dir, max_wait, count_lines)
+    if run['result'] is None:
+        print(f'[{tool}] FAILED rc={run["proc"].returncode}; command:\n  {" ".join(run["cmd"])}\n'
+              f'--- log tail ---\n{log_tail(run["log"])}')
         return None
-    print(f'[{tool}] wall {wall:.2f}s, {lines} output lines, own CPU {own:.1f}s, other processes\' CPU {other:.1f}s')
-    return wall, lines, load, other
+    print(f'[{tool}] wall {run["wall"]:.2f}s, {run["result"]} output lines, own CPU {run["own"]:.1f}s, '
+          f'other processes\' CPU {run["other"]:.1f}s')
+    return run['wall'], run['result'], run['load'], run['other']
 
 
 def append_csv(path, rows):

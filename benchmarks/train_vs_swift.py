@@ -28,12 +28,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, child_cpu_s, finish, cpu_busy_s,  # noqa: E402
-                             megaswift_entry, resolve_model, wait_quiet)
+from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, finish, log_tail, measured_run,  # noqa: E402
+                             megaswift_entry, resolve_model)
 
 DATASET = ROOT / 'benchmarks' / 'data' / 'sft64.jsonl'
 MAX_LENGTH = 512
@@ -114,32 +113,20 @@ def parse_swift(out_dir):
 
 def run_once(variant, model_dir, steps, log_dir, max_wait):
     tool = VARIANTS[variant][0]
-    load, waited = wait_quiet(max_wait)
-    print(f'[{variant}] load avg (1/5/15 min) = {"/".join(f"{x:.2f}" for x in os.getloadavg())}'
-          f'{f" after waiting {waited:.0f}s" if waited >= 5 else ""}')
-    env = dict(os.environ, HF_HUB_OFFLINE='1', TRANSFORMERS_OFFLINE='1', PYTHONUNBUFFERED='1')
-    with tempfile.TemporaryDirectory(prefix=f'bench_{variant}_') as tmp:
-        cmd = command(variant, model_dir, tmp, steps)
-        log = Path(log_dir) / f'{variant}.log'
-        with open(log, 'w') as fh:
-            busy0, own0 = cpu_busy_s(), child_cpu_s()
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            wall = time.perf_counter() - t0
-            own = child_cpu_s() - own0
-            other = max(0.0, cpu_busy_s() - busy0 - own)
-        parsed = (parse_megaswift if tool == 'megaswift' else parse_swift)(tmp) if proc.returncode == 0 else None
+    parse = parse_megaswift if tool == 'megaswift' else parse_swift
+    run = measured_run(variant, lambda tmp: command(variant, model_dir, tmp, steps), log_dir, max_wait, parse)
+    proc, wall, parsed = run['proc'], run['wall'], run['result']
     if parsed is None:
-        tail = ''.join(log.read_text(errors='replace').splitlines(True)[-25:])
-        print(f'[{variant}] FAILED rc={proc.returncode}; command:\n  {" ".join(cmd)}\n--- log tail ---\n{tail}')
-        return {'failed': True, 'rc': proc.returncode, 'wall': wall, 'log': str(log),
+        tail = log_tail(run['log'])
+        print(f'[{variant}] FAILED rc={proc.returncode}; command:\n  {" ".join(run["cmd"])}\n--- log tail ---\n{tail}')
+        return {'failed': True, 'rc': proc.returncode, 'wall': wall, 'log': str(run['log']),
                 'error': next((ln.strip() for ln in reversed(tail.splitlines())
                                if 'Error' in ln or 'error' in ln), f'rc={proc.returncode}')}
     train_s, tokens, done_steps = parsed
     print(f'[{variant}] wall {wall:.2f}s, train {train_s:.2f}s, {tokens} real tokens, {done_steps} steps, '
-          f'own CPU {own:.1f}s, other processes\' CPU {other:.1f}s')
+          f'own CPU {run["own"]:.1f}s, other processes\' CPU {run["other"]:.1f}s')
     return {'failed': False, 'wall': wall, 'train_s': train_s, 'tokens': tokens, 'steps': done_steps,
-            'load': load, 'other': other}
+            'load': run['load'], 'other': run['other']}
 
 
 def main():
