@@ -76,12 +76,13 @@ class HFCheckpoint:
         self._handles.clear()
 
 
-def _layer_offsets(model) -> dict:
+def layer_offsets(model) -> dict:
     """local layer index -> global layer index for a GPTModel chunk."""
     return {k: layer.layer_number - 1 for k, layer in enumerate(model.decoder.layers)}
 
 
-def _global_name(name: str, offsets: dict) -> str:
+def global_name(name: str, offsets: dict) -> str:
+    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (names are per pipeline stage)."""
     prefix = 'decoder.layers.'
     if name.startswith(prefix):
         local, rest = name[len(prefix):].split('.', 1)
@@ -91,9 +92,9 @@ def _global_name(name: str, offsets: dict) -> str:
 
 def _model_tensors(model):
     """(global mcore name, tensor) for every parameter of a chunk (tied weights once)."""
-    offsets = _layer_offsets(model)
+    offsets = layer_offsets(model)
     for name, param in model.named_parameters():
-        yield _global_name(name, offsets), param
+        yield global_name(name, offsets), param
 
 
 def _default_groups(tp_group, pp_group, dp_group):

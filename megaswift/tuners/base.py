@@ -45,10 +45,10 @@ def _list(value) -> list:
 
 def named_parameters(models) -> Iterable[tuple]:
     """(global mcore name, param) over ``models``; a tied output layer copy answers to the embedding's name."""
-    from megaswift.tuners.lora import _layer_offsets, global_name
+    from megaswift.megatron.convert import global_name, layer_offsets
     for model in models:
         model = unwrap_model(model)
-        offsets = _layer_offsets(model)
+        offsets = layer_offsets(model)
         for name, param in model.named_parameters():
             if name == 'output_layer.weight' and getattr(param, 'shared_embedding', False):
                 name = 'embedding.word_embeddings.weight'

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megaswift.megatron.build import unwrap_model
+from megaswift.megatron.convert import global_name, layer_offsets
 
 TARGETS = ('linear_qkv', 'linear_proj', 'linear_fc1', 'linear_fc2')
 ROW_TARGETS = ('linear_proj', 'linear_fc2')
@@ -214,24 +215,11 @@ def _lora_class(base_cls):
     return _LORA_CLASSES[base_cls]
 
 
-def _layer_offsets(model) -> dict:
-    return {k: layer.layer_number - 1 for k, layer in enumerate(model.decoder.layers)}
-
-
-def global_name(name: str, offsets: dict) -> str:
-    """``decoder.layers.{local}.x`` -> ``decoder.layers.{global}.x`` (names are per pipeline stage)."""
-    prefix = 'decoder.layers.'
-    if name.startswith(prefix):
-        local, rest = name[len(prefix):].split('.', 1)
-        return f'{prefix}{offsets[int(local)]}.{rest}'
-    return name
-
-
 def lora_modules(models):
     """(global module name, LoRA module, GPTModel) for every LoRA layer of ``models``."""
     for model in models:
         model = unwrap_model(model)
-        offsets = _layer_offsets(model)
+        offsets = layer_offsets(model)
         for name, module in model.named_modules():
             if isinstance(module, LoraParallelLinear):
                 yield global_name(name, offsets), module, model
@@ -269,7 +257,7 @@ def add_lora(models, config: LoraConfig) -> list:
     for model in models:
         model = unwrap_model(model)
         info = model.megaswift_info
-        wmap, offsets = info.family.weight_map(info.hf_config), _layer_offsets(model)
+        wmap, offsets = info.family.weight_map(info.hf_config), layer_offsets(model)
         for name, module in list(model.named_modules()):
             target = name.rsplit('.', 1)[-1]
             if target not in config.target_modules or isinstance(module, LoraParallelLinear):
