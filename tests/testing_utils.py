@@ -73,3 +73,13 @@ def run_case_script(script: Path, root: Path, setup_file: Path, timeout: float =
             pytest.fail(f'world size {w} run failed ({proc.returncode}):\n{out[-8000:]}')
         merged.update(json.loads(path.read_text()))
     return merged
+
+
+def write_case_results(results: dict, out_path) -> None:
+    """Gather every rank's ``{case: entry}`` and write ``{case: [entry of rank 0, rank 1, ...]}`` from rank 0."""
+    import torch.distributed as dist
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        merged = {case: [g.get(case, {}) for g in gathered] for case in sorted({c for g in gathered for c in g})}
+        Path(out_path).write_text(json.dumps(merged, indent=1))

@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/testing_utils.py
 from mcore_tiny import SEQ, VOCAB  # noqa: E402
+from testing_utils import write_case_results  # noqa: E402
 
 PACKED_LENS = (5, 8, 3)  # total 16: divisible by TP=2 for sequence parallelism
 _hf_cache = {}
@@ -317,11 +319,7 @@ def main():
         tmp.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     (world1 if world == 1 else world2)(manifest, tmp)
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, results)
-    if rank == 0:
-        merged = {case: [g.get(case, {}) for g in gathered] for case in sorted({c for g in gathered for c in g})}
-        Path(out_path).write_text(json.dumps(merged, indent=1))
+    write_case_results(results, out_path)
     torch.distributed.barrier()
     destroy_parallel(destroy_process_group=True)
 

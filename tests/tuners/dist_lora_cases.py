@@ -8,7 +8,6 @@ OUT.json maps case -> [per-rank dict]; a failure is {'error': ..., 'traceback': 
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import traceback
@@ -16,6 +15,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/testing_utils.py
+from testing_utils import write_case_results  # noqa: E402
 
 B, S, SEED = 2, 16, 0
 LORA = dict(tuner_type='lora', lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=['all-linear'])
@@ -337,11 +339,7 @@ def main():
         record('pp2/export', lambda: pp_flow(path, tmp))
         record('pp2/ddp', lambda: ddp_flow(path))
         record('tp2sp_to_tp1/checkpoint', lambda: checkpoint_flow(path, tmp))
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, results)
-    if rank() == 0:
-        merged = {case: [g.get(case, {}) for g in gathered] for case in sorted({c for g in gathered for c in g})}
-        Path(out_path).write_text(json.dumps(merged, indent=1))
+    write_case_results(results, out_path)
     torch.distributed.barrier()
     destroy_parallel(destroy_process_group=True)
 
