@@ -159,6 +159,9 @@ class OptimArguments:
             raise ArgumentError(f'--weight_decay: must be >= 0, got {self.weight_decay}')
 
 
+CROSS_ENTROPY_IMPLS = ('auto', 'torch', 'chunked', 'cuda')
+
+
 @dataclass
 class TrainLoopArguments:
     max_steps: int | None = None
@@ -170,6 +173,9 @@ class TrainLoopArguments:
     recompute_method: str = 'uniform'
     recompute_num_layers: int = 1
     label_smoothing: float = 0.0
+    # the LM head + loss: auto (cuda kernel on GPU when built, else chunked), torch (materialised logits, megatron-
+    # core's vocab-parallel CE), chunked (megaswift.ops, no N x V logits), cuda (megaswift.ops + csrc kernels)
+    cross_entropy_impl: str = 'auto'
 
     def _check(self):
         if self.max_steps is not None and self.max_steps < 1:
@@ -188,6 +194,9 @@ class TrainLoopArguments:
             raise ArgumentError(f"--recompute_method: unknown value '{self.recompute_method}' (uniform, block)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ArgumentError(f'--label_smoothing: must be in [0, 1), got {self.label_smoothing}')
+        if self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
+            raise ArgumentError(f"--cross_entropy_impl: unknown value '{self.cross_entropy_impl}' "
+                                f"({', '.join(CROSS_ENTROPY_IMPLS)})")
 
 
 @dataclass

@@ -77,6 +77,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.args, self.models, self.dtype)
         self.scheduler = build_scheduler(self.args, self.optimizer, self.state.max_steps)
         attach_schedule_hooks(self.models, self.optimizer)
+        self.ce_impl = self._setup_cross_entropy()
         self.vocab_size = self.models_unwrapped[0].megaswift_info.vocab_size
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
@@ -95,6 +96,16 @@ class Trainer:
                     self.pcfg.pipeline_model_parallel_size, self.pcfg.virtual_pipeline_model_parallel_size,
                     self.dp_size)
         self._build_metrics()
+
+    def _setup_cross_entropy(self) -> str:
+        """--cross_entropy_impl: 'torch' keeps the logits; otherwise the head is fused into the loss."""
+        from .head import fuse_head_into_loss, resolve_cross_entropy_impl
+        device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+        impl = resolve_cross_entropy_impl(getattr(self.args, 'cross_entropy_impl', 'auto'), device)
+        if impl != 'torch':
+            fuse_head_into_loss(self.models_unwrapped)
+        logger.info('cross entropy: %s', impl)
+        return impl
 
     def _build_metrics(self) -> None:
         self.metrics = build_eval_metrics(getattr(self.args, 'eval_metric', None) or [])
@@ -119,11 +130,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ steps
     def _forward_step(self, data_iterator, model, *, num_tokens, with_accuracy=False):
         batch = next(data_iterator)
+        fused = self.ce_impl != 'torch'
+        kwargs = {'fp32_output': False} if fused and self.dtype != torch.float32 else {}
         output = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], attention_mask=None,
-                       packed_seq_params=batch['packed_seq_params'])
+                       packed_seq_params=batch['packed_seq_params'], **kwargs)
+        weight = None
+        if fused and self.is_last_stage:
+            from ..megatron import unwrap_model
+            from .head import head_weight
+            chunk = unwrap_model(model)
+            weight = head_weight(chunk) if chunk.post_process else None
         return output, partial(micro_batch_loss, batch=batch, num_tokens=num_tokens, vocab_size=self.vocab_size,
                                label_smoothing=float(self.args.label_smoothing), tp_group=self.tp_group,
-                               with_accuracy=with_accuracy)
+                               with_accuracy=with_accuracy, head_weight=weight, impl=self.ce_impl)
 
     def _run_schedule(self, batches: list, num_tokens, forward_only: bool, with_accuracy: bool = False) -> list:
         from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -1,5 +1,6 @@
 """Training at TP2 / TP2+SP / PP2 / PP2xVPP2 / DP2 / DP2+distributed optimizer follows the single-process loss
-trajectory; label smoothing is right under TP; resume is bit-exact; a wrong normalisation is caught.
+trajectory; label smoothing is right under TP; resume is bit-exact; a wrong normalisation is caught; the
+fused linear cross entropy (the default) and the materialised-logits path give the same trajectory.
 
 Two launches of ``train_cases.py`` run together from one module fixture: a plain ``python`` process
 (world size 1: the references) and one ``torchrun --nproc_per_node 2``. Every case trains 6 steps with
@@ -51,7 +52,10 @@ def max_diff(a, b) -> float:
 
 LAYOUTS = [('tp2', 'ref'), ('tp2_sp', 'ref'), ('pp2', 'ref'), ('pp2_vpp2', 'ref'), ('dp2', 'ref'),
            ('dp2_distopt', 'ref'), ('tp2_ls', 'ref_ls'), ('tp2_sp_qwen2', 'ref_qwen2'),
-           ('ref_mbs2', 'ref'), ('nopack_padded', 'nopack_padding_free')]
+           ('ref_mbs2', 'ref'), ('nopack_padded', 'nopack_padding_free'),
+           # --cross_entropy_impl torch (logits + megatron-core's vocab-parallel CE) vs the fused chunked default
+           ('ref_torch_ce', 'ref'), ('tp2_sp_ls_torch_ce', 'ref_ls'),
+           ('stream_dp2', 'stream')]  # --streaming: every DP rank reads the same stream and takes its share
 
 
 @pytest.mark.parametrize('case, ref', LAYOUTS)

@@ -128,15 +128,20 @@ def label_smoothing_direct():
         destroy_parallel()
 
 
+STREAMING = dict(streaming=True, max_length=128, shuffle_buffer_size=16, packing_interval=12)  # step 6 is in epoch 1
+
+
 def world1(setup, work):
     case(setup, work, 'ref', save_steps=3)  # also the uninterrupted run of the resume check
     case(setup, work, 'resume', resume_from_checkpoint=str(work / 'ref' / 'iter_0000003'))
     case(setup, work, 'ref_mbs2', micro_batch_size=2)
     case(setup, work, 'ref_ls', label_smoothing=0.1)
+    case(setup, work, 'ref_torch_ce', cross_entropy_impl='torch')  # materialised logits vs the fused default
     case(setup, work, 'nopack_padding_free', packing=False)
     case(setup, work, 'nopack_padded', packing=False, padding_free=False, micro_batch_size=2)
     case(setup, work, 'ref_qwen2', model=setup['model_qwen2'])
     case(setup, work, 'pt', command='pt', dataset=[setup['text_dataset']], micro_batch_size=2, max_steps=3)
+    case(setup, work, 'stream', **STREAMING)
 
 
 def world2(setup, work):
@@ -148,7 +153,10 @@ def world2(setup, work):
     case(setup, work, 'dp2_distopt', use_distributed_optimizer=True, save_steps=3)
     case(setup, work, 'dp2_distopt_resume', use_distributed_optimizer=True,
          resume_from_checkpoint=str(work / 'dp2_distopt' / 'iter_0000003'))
+    case(setup, work, 'stream_dp2', **STREAMING)
     case(setup, work, 'tp2_ls', tensor_model_parallel_size=2, label_smoothing=0.1)
+    case(setup, work, 'tp2_sp_ls_torch_ce', tensor_model_parallel_size=2, sequence_parallel=True, label_smoothing=0.1,
+         cross_entropy_impl='torch')
     case(setup, work, 'tp2_sp_qwen2', model=setup['model_qwen2'], tensor_model_parallel_size=2,
          sequence_parallel=True)
     restore = per_rank_normalisation()
