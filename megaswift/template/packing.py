@@ -237,25 +237,27 @@ def padding_free_collate(samples: Sequence[dict], pad_to_multiple_of: int = 1, p
     attention never mixes it with real tokens.
     """
     import torch
+
+    from ..ops.packing import cu_seqlens_from_lengths, position_ids_from_cu_seqlens
     ids, labels, lens = _sample_arrays(samples)
     scales = _sample_loss_scales(samples, labels)
     total = sum(lens)
     multiple = max(int(pad_to_multiple_of or 1), 1)
     num_pad = -total % multiple
     seg_lens = lens + ([num_pad] if num_pad else [])
-    starts = np.concatenate([[0], np.cumsum(seg_lens)[:-1]]).astype(np.int64)
+    cu_seqlens = cu_seqlens_from_lengths(seg_lens)
+    starts = cu_seqlens[:-1].numpy()
     input_ids = np.concatenate(ids + [np.full(num_pad, pad_token_id, dtype=np.int64)])
     label_row = np.concatenate(labels + [np.full(num_pad, IGNORE_INDEX, dtype=np.int64)])
     label_row[starts] = IGNORE_INDEX  # no target across a boundary (and none on the padding)
-    position_ids = np.arange(input_ids.size, dtype=np.int64) - np.repeat(starts, seg_lens)
-    cu_seqlens = np.concatenate([[0], np.cumsum(seg_lens)]).astype(np.int32)
+    position_ids = position_ids_from_cu_seqlens(cu_seqlens, input_ids.size)
     loss_scale = None
     if scales is not None:
         ls = np.concatenate(scales + [np.zeros(num_pad, dtype=np.float32)])
         ls[starts] = 0.0
         loss_scale = torch.from_numpy(ls)[None]
     return PackedBatch(input_ids=torch.from_numpy(input_ids)[None], labels=torch.from_numpy(label_row)[None],
-                       position_ids=torch.from_numpy(position_ids)[None], cu_seqlens=torch.from_numpy(cu_seqlens),
+                       position_ids=position_ids[None], cu_seqlens=cu_seqlens,
                        max_seqlen=int(max(seg_lens)), seq_lens=list(lens), loss_scale=loss_scale, num_pad=num_pad)
 
 
@@ -275,24 +277,24 @@ def collate_packed(samples: Sequence[dict], packing_length: int, pad_to_multiple
 def pad_collate(samples: Sequence[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, Any]:
     """Plain right padding to the longest sample (rounded up to a multiple): ``[B, L]`` tensors + attention_mask."""
     import torch
+
+    from ..ops.packing import cu_seqlens_from_lengths, unpack_to_padded
     ids, labels, lens = _sample_arrays(samples)
     scales = _sample_loss_scales(samples, labels)
     multiple = max(int(pad_to_multiple_of or 1), 1)
     width = -(-max(lens) // multiple) * multiple
     n = len(samples)
-    input_ids = np.full((n, width), pad_token_id, dtype=np.int64)
-    label_rows = np.full((n, width), IGNORE_INDEX, dtype=np.int64)
-    mask = np.zeros((n, width), dtype=np.int64)
-    ls = np.zeros((n, width), dtype=np.float32) if scales is not None else None
-    for r, (a, lab, m) in enumerate(zip(ids, labels, lens)):
-        input_ids[r, :m], label_rows[r, :m], mask[r, :m] = a, lab, 1
-        if ls is not None:
-            ls[r, :m] = scales[r]
+    cu_seqlens = cu_seqlens_from_lengths(lens)
+
+    def rows(arrays: list[np.ndarray], pad_value) -> torch.Tensor:  # the samples, left-aligned in [n, width]
+        return unpack_to_padded(torch.from_numpy(np.concatenate(arrays)), cu_seqlens, width, pad_value)
+
+    label_rows = rows(labels, IGNORE_INDEX)
     label_rows[:, 0] = IGNORE_INDEX  # the same invariant as packed rows (a rolled label never wraps around)
-    out = {'input_ids': torch.from_numpy(input_ids), 'labels': torch.from_numpy(label_rows),
-           'attention_mask': torch.from_numpy(mask),
+    out = {'input_ids': rows(ids, pad_token_id), 'labels': label_rows,
+           'attention_mask': rows([np.ones(sum(lens), dtype=np.int64)], 0),
            'position_ids': torch.arange(width, dtype=torch.int64).expand(n, width).clone()}
-    if ls is not None:
-        ls[:, 0] = 0.0
-        out['loss_scale'] = torch.from_numpy(ls)
+    if scales is not None:
+        out['loss_scale'] = rows(scales, 0.0)
+        out['loss_scale'][:, 0] = 0.0
     return out
