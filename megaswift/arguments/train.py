@@ -35,6 +35,9 @@ class TrainDataArguments:
     val_dataset: list[str] = field(default_factory=list)
     dataset_num_proc: int = 1
     train_dataloader_shuffle: bool = True
+    streaming: bool = False             # read --dataset lazily in bounded memory (larger than RAM); needs --max_steps
+    shuffle_buffer_size: int = 1000     # --streaming: rows shuffled together (seeded by --data_seed, anew every epoch)
+    packing_interval: int = 1000        # --streaming: rows encoded (and, with --packing, packed) together
 
     def _check(self):
         if self.max_length is not None and self.max_length < 2:
@@ -48,6 +51,16 @@ class TrainDataArguments:
             raise ArgumentError(f'--split_dataset_ratio: must be in [0, 1), got {self.split_dataset_ratio}')
         if self.dataset_num_proc < 1:
             raise ArgumentError(f'--dataset_num_proc: must be >= 1, got {self.dataset_num_proc}')
+        if self.shuffle_buffer_size < 0:
+            raise ArgumentError(f'--shuffle_buffer_size: must be >= 0, got {self.shuffle_buffer_size}')
+        if self.packing_interval < 1:
+            raise ArgumentError(f'--packing_interval: must be >= 1, got {self.packing_interval}')
+        if self.streaming and getattr(self, 'max_steps', None) is None:
+            raise ArgumentError('--streaming true needs --max_steps: a stream has no known length, so epochs cannot '
+                                'be turned into steps (when the files end, the stream restarts, reshuffled)')
+        if self.streaming and self.split_dataset_ratio:
+            raise ArgumentError('--split_dataset_ratio cannot hold rows out of a stream (--streaming true); pass the '
+                                'evaluation rows as --val_dataset (read whole, not streamed)')
         from ..template.loss_scale import get_loss_scale
         try:
             get_loss_scale(self.loss_scale)

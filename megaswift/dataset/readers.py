@@ -12,7 +12,9 @@ from .errors import DatasetError, RowSource
 Raw = tuple[dict, RowSource]
 
 
-def read_rows(path: str) -> Iterator[Raw]:
+def read_rows(path: str, raw_lines: bool = False) -> Iterator[Raw]:
+    """``(row, source)`` pairs, read lazily; ``raw_lines``: a .jsonl file yields each line's text unparsed
+    (``parse_jsonl_line`` makes it a row), so that skipping rows costs no JSON decoding."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"dataset '{path}' does not exist (local files only: .jsonl, .json, .csv or an HF "
@@ -21,25 +23,32 @@ def read_rows(path: str) -> Iterator[Raw]:
         yield from _read_hf_dir(p)
         return
     suffix = p.suffix.lower()
-    readers = {'.jsonl': _read_jsonl, '.json': _read_json, '.csv': _read_csv}
+    readers = {'.jsonl': _jsonl_lines if raw_lines else _read_jsonl, '.json': _read_json, '.csv': _read_csv}
     if suffix not in readers:
         raise DatasetError(RowSource(str(p), 1), f"unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
     yield from readers[suffix](p)
 
 
-def _read_jsonl(p: Path) -> Iterator[Raw]:
+def _jsonl_lines(p: Path) -> Iterator[tuple[str, RowSource]]:
     with p.open(encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            src = RowSource(str(p), lineno)
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(src, f'invalid JSON: {e.msg} (column {e.colno})') from None
-            if not isinstance(obj, dict):
-                raise DatasetError(src, f'a row must be a JSON object, got {type(obj).__name__}')
-            yield obj, src
+            if line.strip():
+                yield line, RowSource(str(p), lineno)
+
+
+def parse_jsonl_line(line: str, src: RowSource) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DatasetError(src, f'invalid JSON: {e.msg} (column {e.colno})') from None
+    if not isinstance(obj, dict):
+        raise DatasetError(src, f'a row must be a JSON object, got {type(obj).__name__}')
+    return obj
+
+
+def _read_jsonl(p: Path) -> Iterator[Raw]:
+    for line, src in _jsonl_lines(p):
+        yield parse_jsonl_line(line, src), src
 
 
 def _read_json(p: Path) -> Iterator[Raw]:

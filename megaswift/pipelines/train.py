@@ -63,7 +63,10 @@ def preflight(args) -> Plan:
                                        resolve_resume_dir)
     if args.resume_from_checkpoint:
         resume_dir = resolve_resume_dir(args.resume_from_checkpoint, args.output_dir)
-        check_optimizer_compatible(read_trainer_state(resume_dir), args, resume_dir)
+        resume_state = read_trainer_state(resume_dir)
+        check_optimizer_compatible(resume_state, args, resume_dir)
+        from ..trainers.streaming import check_resume_streaming
+        check_resume_streaming(resume_state, args, resume_dir)
     elif output_dir_has_checkpoint(args.output_dir) and not args.overwrite_output_dir:
         raise ArgumentError(f"--output_dir '{args.output_dir}' already holds checkpoints; pass "
                             f'--resume_from_checkpoint true to continue that run, --overwrite_output_dir true to '
@@ -94,8 +97,11 @@ def prepare_data(args, plan: Plan):
         encoder.set_mode('train')
     else:
         encoder = PlainTextEncoder(tokenizer, plan.max_length, args.truncation_strategy)
-    rows = load_rows(args.dataset, args.data_seed, chat=args.use_chat_template)
-    train_rows, val_rows = split_rows(rows, args.split_dataset_ratio, args.data_seed)
+    if args.streaming:
+        train_rows, val_rows = None, None
+    else:
+        rows = load_rows(args.dataset, args.data_seed, chat=args.use_chat_template)
+        train_rows, val_rows = split_rows(rows, args.split_dataset_ratio, args.data_seed)
     if args.val_dataset:
         extra = load_rows(args.val_dataset, args.data_seed, chat=args.use_chat_template)
         if val_rows is not None:
@@ -106,24 +112,31 @@ def prepare_data(args, plan: Plan):
     multiple = padding_multiple(args.tensor_model_parallel_size, 1, args.sequence_parallel)
 
     def collator(row_set, desc):
+        if row_set is None:  # --streaming: the sampler makes one of every step's samples
+            return Collator(None, [], args.padding_free, multiple, pad_id, plan.max_length), 0
         encoded = encode_on_rank0_first(row_set, encoder, args.dataset_num_proc, desc)
         items = build_items(encoded, args.packing, plan.max_length)
         return Collator(encoded, items, args.padding_free, multiple, pad_id, plan.max_length), len(items)
 
     train_collator, n_items = collator(train_rows, 'encoding train set')
     data = TrainData(train_collator, n_items)
+    if args.streaming:
+        from ..trainers.streaming import streaming_sampler
+        data.sampler = streaming_sampler(args, encoder, data, plan.max_length)
     if val_rows is not None and len(val_rows):
         data.val_collator, data.val_num_items = collator(val_rows, 'encoding eval set')
     if args.max_steps:
         max_steps = int(args.max_steps)
     else:
         max_steps = max(1, math.ceil(args.num_train_epochs * n_items / args.global_batch_size))
-    if n_items < args.global_batch_size:
+    if not args.streaming and n_items < args.global_batch_size:
         logger.warning('the training set has %d %s, fewer than --global_batch_size %d: a step repeats items',
                        n_items, 'packed rows' if args.packing else 'samples', args.global_batch_size)
     if args.warmup_steps and args.warmup_steps >= max_steps:
         raise TrainDataError(f'--warmup_steps {args.warmup_steps} must be smaller than the number of training steps '
                              f'({max_steps})')
+    if args.streaming:
+        return data, max_steps
     stats = train_collator.encoded.lengths
     logger.info('train set: %d samples -> %d %s, %d tokens (mean %.1f, max %d); %d steps of %d items',
                 len(stats), n_items, 'packed rows' if args.packing else 'items', int(stats.sum()),

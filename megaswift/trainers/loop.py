@@ -40,14 +40,15 @@ class TrainData:
     num_items: int
     val_collator: Optional[Collator] = None
     val_num_items: int = 0
+    sampler: Optional[Any] = None  # replaces StepSampler (``streaming.StreamingSampler``; num_items is then 0)
 
 
 class Trainer:
     def __init__(self, args, hf_config, model_dir: Optional[str], data: TrainData, max_steps: int, callbacks=None):
         self.args, self.hf_config, self.model_dir, self.data = args, hf_config, model_dir, data
         self.state = TrainerState(max_steps=int(max_steps))
-        self.sampler = StepSampler(data.num_items, args.global_batch_size, args.data_seed,
-                                   args.train_dataloader_shuffle)
+        self.sampler = data.sampler if data.sampler is not None else StepSampler(
+            data.num_items, args.global_batch_size, args.data_seed, args.train_dataloader_shuffle)
         self.callbacks = list(callbacks or [])
         self.models = self.optimizer = self.scheduler = None
         self.metrics = []
