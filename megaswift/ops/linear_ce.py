@@ -32,8 +32,8 @@ from . import linear_ce_rows
 IGNORE_INDEX = -100
 REDUCTIONS = ('mean', 'sum', 'none')
 IMPLS = ('chunked', 'cuda')
-# logits-block budget in bytes: a few MB keep a CPU block in cache; a GPU wants big GEMMs
-_BLOCK_BYTES = {'cpu': 16 << 20, 'cuda': 1 << 30}
+# the float32 size of one logits block: large enough for efficient GEMMs, small next to the N x V logits
+_BLOCK_BYTES = {'cpu': 64 << 20, 'cuda': 1 << 30}
 
 
 class LinearCEOutput(NamedTuple):
@@ -44,8 +44,21 @@ class LinearCEOutput(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ backends
+class _CudaRows:
+    """The extension's row kernels behind the PyTorch functions' signature (GPU memory needs no workspace)."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def row_stats(self, z, target, extras=True, workspace=None):
+        return self.ext.row_stats(z, target)
+
+    def logit_grad_(self, z, lse, target, coef, workspace=None):
+        return self.ext.logit_grad_(z, lse, target, coef)
+
+
 def row_ops(impl: str | None, device: torch.device):
-    """The module providing ``row_stats`` and ``logit_grad_`` for ``impl`` on ``device``."""
+    """The provider of ``row_stats`` and ``logit_grad_`` for ``impl`` on ``device``."""
     if impl not in (None,) + IMPLS:
         raise ValueError(f'impl must be one of {IMPLS} or None, got {impl!r}')
     if impl == 'chunked' or (impl is None and device.type != 'cuda'):
@@ -54,8 +67,8 @@ def row_ops(impl: str | None, device: torch.device):
         raise ValueError(f"impl='cuda' needs CUDA tensors, got {device.type} tensors")
     from . import cuda_ext
     if impl == 'cuda':
-        return cuda_ext.load(required=True)
-    return cuda_ext.load() if cuda_ext.available() else linear_ce_rows
+        return _CudaRows(cuda_ext.load(required=True))
+    return _CudaRows(cuda_ext.load()) if cuda_ext.available() else linear_ce_rows
 
 
 def best_impl(device: torch.device) -> str:
@@ -65,7 +78,7 @@ def best_impl(device: torch.device) -> str:
 
 def default_chunk_size(num_vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     budget = _BLOCK_BYTES['cuda' if device.type == 'cuda' else 'cpu']
-    per_row = max(num_vocab, 1) * max(torch.finfo(dtype).bits // 8, 4 if device.type == 'cpu' else 2)
+    per_row = max(num_vocab, 1) * (4 if device.type == 'cpu' else max(torch.finfo(dtype).bits // 8, 2))
     return max(16, budget // per_row // 16 * 16)
 
 
@@ -95,6 +108,31 @@ class _Plan(NamedTuple):
     vocab_start: int          # global id of this rank's first column
     vocab_total: int          # real vocabulary over all ranks (label smoothing's mean)
     label_smoothing: float
+    extras: bool              # row statistics beyond max/sumexp/target are needed (smoothing, entropy, argmax)
+    blocks: '_Blocks'
+
+
+class _Blocks:
+    """One logits block and one float32 workspace, allocated once per call and reused by every chunk: on a
+    CPU a fresh multi-MB allocation per chunk costs as much as a pass over it (page faults)."""
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device, workspace: bool):
+        self.size, self.dtype, self.device = rows * cols, dtype, device
+        self._logits = self._workspace = None
+        self.want_workspace = workspace
+
+    def logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = torch.empty(self.size, dtype=self.dtype, device=self.device)
+        z = self._logits[:x.size(0) * w.size(0)].view(x.size(0), w.size(0))
+        return torch.mm(x, w.t(), out=z)
+
+    @property
+    def workspace(self) -> torch.Tensor | None:
+        if self.want_workspace and self._workspace is None:
+            self._workspace = torch.empty(self.size, dtype=linear_ce_rows.stats_dtype(self.dtype),
+                                          device=self.device)
+        return self._workspace
 
 
 def _local_target(labels: torch.Tensor, plan: _Plan, start: int, width: int) -> torch.Tensor:
@@ -110,8 +148,9 @@ def _chunk_stats(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, plan: _
     v_local = w.size(0)
     for start in range(0, max(v_local, 1), plan.vocab_chunk):
         wb = w[start:start + plan.vocab_chunk]
-        z = x @ wb.t()
-        stats = plan.ops.row_stats(z, _local_target(labels, plan, start, wb.size(0)))
+        z = plan.blocks.logits(x, wb)
+        stats = plan.ops.row_stats(z, _local_target(labels, plan, start, wb.size(0)), plan.extras,
+                                   plan.blocks.workspace)
         stats[:, 5] += plan.vocab_start + start
         parts.append(stats)
         if plan.vocab_chunk >= v_local:
@@ -161,7 +200,7 @@ def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: int =
 
 def _accumulate_grads(z, x, w, labels, lse, coef, plan: _Plan, start: int, dx, dw):
     """Turn logits block ``z`` (columns ``start..``) into dlogits and add its share to ``dx`` / ``dw``."""
-    g = plan.ops.logit_grad_(z, lse, _local_target(labels, plan, start, z.size(1)), coef)
+    g = plan.ops.logit_grad_(z, lse, _local_target(labels, plan, start, z.size(1)), coef, plan.blocks.workspace)
     if dx is not None:
         _add_matmul(dx, g, w[start:start + z.size(1)])
     if dw is not None:
@@ -172,7 +211,7 @@ def _chunk_grads(x, w, labels, lse, coef, plan: _Plan, block, dx_c, dw):
     """dlogits of one token chunk -> ``dx_c`` (this chunk's rows of dX) and ``dw``; ``block``: the logits
     when the vocabulary is one block (else they are recomputed block by block)."""
     for start in range(0, w.size(0), plan.vocab_chunk):
-        z = block if block is not None else x @ w[start:start + plan.vocab_chunk].t()
+        z = block if block is not None else plan.blocks.logits(x, w[start:start + plan.vocab_chunk])
         _accumulate_grads(z, x, w, labels, lse, coef, plan, start, dx_c, dw)
 
 
@@ -303,10 +342,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if reduction == 'mean':  # the 1/num_tokens normalisation is folded into the gradient weights
         weights = weights / count.clamp(min=1).to(acc)
     ops = row_ops(impl, x.device)
-    chunk = int(chunk_size or default_chunk_size(w.size(0), x.dtype, x.device))
-    plan = _Plan(ops=ops, chunk=max(1, chunk), vocab_chunk=max(1, int(vocab_chunk_size or max(w.size(0), 1))),
-                 tp_group=tp_group, tp_size=tp_size, vocab_start=vocab_start, vocab_total=vocab_total,
-                 label_smoothing=float(label_smoothing))
+    chunk = max(1, int(chunk_size or default_chunk_size(w.size(0), x.dtype, x.device)))
+    vocab_chunk = max(1, int(vocab_chunk_size or max(w.size(0), 1)))
+    blocks = _Blocks(min(chunk, max(x.size(0), 1)), min(vocab_chunk, max(w.size(0), 1)), x.dtype, x.device,
+                     workspace=ops is linear_ce_rows)
+    plan = _Plan(ops=ops, chunk=chunk, vocab_chunk=vocab_chunk, tp_group=tp_group, tp_size=tp_size,
+                 vocab_start=vocab_start, vocab_total=vocab_total, label_smoothing=float(label_smoothing),
+                 extras=bool(label_smoothing) or return_entropy or return_argmax, blocks=blocks)
     eager = reduction != 'none' and not return_logprobs and not return_entropy
     token_loss, logprob, entropy, argmax = _LinearCrossEntropy.apply(x, w, lab, weights, plan, eager, return_argmax)
     if reduction == 'none':
