@@ -249,10 +249,13 @@ class LogArguments:
 class EvalArguments:
     eval_steps: int | None = None        # default: --save_steps
     eval_metric: list[str] = field(default_factory=list)  # extra metrics beside loss and acc
+    max_new_tokens: int = 64             # --eval_metric nlg: greedy answer length limit (stops earlier at EOS)
 
     def _check(self):
         if self.eval_steps is not None and self.eval_steps < 1:
             raise ArgumentError(f'--eval_steps: must be >= 1, got {self.eval_steps}')
+        if self.max_new_tokens < 1:
+            raise ArgumentError(f'--max_new_tokens: must be >= 1, got {self.max_new_tokens}')
 
 
 @dataclass

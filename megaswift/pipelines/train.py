@@ -71,8 +71,10 @@ def preflight(args) -> Plan:
         raise ArgumentError(f"--output_dir '{args.output_dir}' already holds checkpoints; pass "
                             f'--resume_from_checkpoint true to continue that run, --overwrite_output_dir true to '
                             f'start over there, or another --output_dir')
+    from ..trainers.generate import check_generation_layout
     from ..trainers.loop import build_eval_metrics
-    build_eval_metrics(list(args.eval_metric))  # unknown or unusable --eval_metric fail here, not after the model is built
+    # unknown or unusable --eval_metric fail here, not after the model is built
+    check_generation_layout(build_eval_metrics(list(args.eval_metric)), args)
     if args.mcore_model and not os.path.isdir(args.mcore_model):
         raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
     return Plan(model_dir, hf_config, int(max_length), resume_dir)
@@ -119,7 +121,9 @@ def prepare_data(args, plan: Plan):
         return Collator(encoded, items, args.padding_free, multiple, pad_id, plan.max_length), len(items)
 
     train_collator, n_items = collator(train_rows, 'encoding train set')
-    data = TrainData(train_collator, n_items)
+    from ..trainers.generate import stop_token_ids
+    data = TrainData(train_collator, n_items, tokenizer=tokenizer,
+                     stop_token_ids=stop_token_ids(tokenizer, encoder, plan.hf_config, plan.model_dir))
     if args.streaming:
         from ..trainers.streaming import streaming_sampler
         data.sampler = streaming_sampler(args, encoder, data, plan.max_length)

@@ -20,6 +20,7 @@ import torch
 
 from .data import (Collator, StepSampler, collate_micro_batches, eval_micro_batches, packing_efficiency,
                    rank_micro_batches, to_device)
+from .generate import GENERATED_OUTPUTS, needs_generation
 from .loss import count_loss_tokens, global_token_count, micro_batch_loss
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class TrainData:
     val_collator: Optional[Collator] = None
     val_num_items: int = 0
     sampler: Optional[Any] = None  # replaces StepSampler (``streaming.StreamingSampler``; num_items is then 0)
+    tokenizer: Optional[Any] = None  # decodes generated text (``--eval_metric nlg``, ``generate.py``)
+    stop_token_ids: list = field(default_factory=list)  # where generation stops (EOS, the template's end token)
 
 
 class Trainer:
@@ -97,6 +100,9 @@ class Trainer:
                     self.pcfg.pipeline_model_parallel_size, self.pcfg.virtual_pipeline_model_parallel_size,
                     self.dp_size)
         self._build_metrics()
+        from .flops import MfuMeter
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.mfu_meter = MfuMeter(self.hf_config, self.device, self.dtype, world)  # active on CUDA only
 
     def _setup_cross_entropy(self) -> str:
         """--cross_entropy_impl: 'torch' keeps the logits; otherwise the head is fused into the loss."""
@@ -185,8 +191,10 @@ class Trainer:
         elapsed = time.perf_counter() - start
         all_mbs = [mb for r in range(self.dp_size) for mb in rank_micro_batches(step_items, r, self.dp_size, mbs)]
         tokens = self.data.collator.num_tokens(step_items)
+        flops = self.mfu_meter.step_flops(self.data.collator, step_items)  # 0.0 unless on CUDA
         return {'loss': loss_sum / max(count, 1.0), 'grad_norm': float(grad_norm) if grad_norm is not None else None,
-                'num_tokens': int(count), 'tokens_per_sec': tokens / max(elapsed, 1e-9),
+                'num_tokens': int(count), 'tokens_per_sec': tokens / max(elapsed, 1e-9), 'flops': flops,
+                'step_time': elapsed,
                 'packing_efficiency': packing_efficiency(self.data.collator, step_items, self.args.packing,
                                                          self.data.collator.max_length, all_mbs),
                 'skipped': not ok}
@@ -224,11 +232,16 @@ class Trainer:
             return {}
         result = {}
         if self.is_last_stage:
+            generated = None
             for metric in self.metrics:
                 metric.reset()
-                for out in outputs:
-                    _update(metric, loss_sum=out['loss'][0], num_tokens=out['loss'][1], correct=out['acc'][0],
-                            preds=out['pred'], labels=out['target'], token_loss=out['token_loss'])
+                if needs_generation(metric):  # greedy generation (pipeline parallelism is rejected in preflight)
+                    generated = generated or self._generate_eval_texts()
+                    _update(metric, **generated)
+                else:
+                    for out in outputs:
+                        _update(metric, loss_sum=out['loss'][0], num_tokens=out['loss'][1], correct=out['acc'][0],
+                                preds=out['pred'], labels=out['target'], token_loss=out['token_loss'])
                 values = metric.compute(group=self.dp_group)
                 result.update({k if k.startswith('eval_') else f'eval_{k}': _to_float(v) for k, v in values.items()})
                 metric.reset()
@@ -239,6 +252,14 @@ class Trainer:
                                                     group=self.pp_group)
             result = box[0]
         return result
+
+    def _generate_eval_texts(self) -> dict:
+        """Decoded greedy answers and references of this DP rank's validation samples; also written to
+        ``<output_dir>/predict/step-<N>.jsonl``."""
+        from .generate import generate_eval_texts, write_predictions
+        generated = generate_eval_texts(self)
+        write_predictions(self, generated)
+        return generated
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> TrainerState:
@@ -279,9 +300,16 @@ class Trainer:
                 'loss': sum(w['loss'] * w['num_tokens'] for w in window) / max(n, 1) if n else last['loss'],
                 'lr': current_lr(self.optimizer), 'grad_norm': last['grad_norm'],
                 'tokens_per_sec': sum(w['tokens_per_sec'] for w in window) / len(window),
+                **self._mfu_log(window),
                 'packing_efficiency': sum(w['packing_efficiency'] for w in window) / len(window),
                 'memory_mb': _memory_mb(), 'elapsed_s': round(time.perf_counter() - self._train_start, 3),
                 **({'skipped_steps': sum(w['skipped'] for w in window)} if any(w['skipped'] for w in window) else {})}
+
+    def _mfu_log(self, window: list[dict]) -> dict:
+        """``{'mfu': ...}`` on CUDA (model FLOPs of the window's steps over their time, per GPU, over the peak)."""
+        if not self.mfu_meter.active:
+            return {}
+        return {'mfu': self.mfu_meter.mfu(sum(w['flops'] for w in window), sum(w['step_time'] for w in window))}
 
     def log(self, logs: dict) -> None:
         self.state.log_history.append(logs)
@@ -311,7 +339,7 @@ EVAL_OUTPUTS = ('loss_sum', 'num_tokens', 'correct', 'preds', 'labels', 'token_l
 def build_eval_metrics(names: list[str]) -> list:
     """``--eval_metric`` beyond the built-in eval loss and token accuracy (``megaswift.metrics``), checked against
     what a teacher-forced evaluation step produces (``EVAL_OUTPUTS``: per-token predictions and labels of the
-    loss tokens, summed losses and counts)."""
+    loss tokens, summed losses and counts) or greedy generation (``GENERATED_OUTPUTS``: decoded texts)."""
     from ..arguments.base import ArgumentError
     names = [n for n in names if n not in ('loss', 'acc')]
     if not names:
@@ -326,10 +354,13 @@ def build_eval_metrics(names: list[str]) -> list:
         raise ArgumentError(f'--eval_metric: {e}') from None
     metrics = dict(built) if isinstance(built, dict) else dict(zip(names, built))
     for name, metric in metrics.items():
-        missing = [k for k in getattr(metric, 'inputs', ()) if k not in EVAL_OUTPUTS]
+        inputs = tuple(getattr(metric, 'inputs', ()) or ())
+        generated = [k for k in inputs if k in GENERATED_OUTPUTS]
+        missing = [k for k in inputs if k not in (GENERATED_OUTPUTS if generated else EVAL_OUTPUTS)]
         if missing:
             raise ArgumentError(f"--eval_metric {name}: needs {missing}, which evaluation on megatron-core does not "
-                                f"produce (it has {', '.join(EVAL_OUTPUTS)}; generated text needs megaswift sample)")
+                                f"produce (it has {', '.join(EVAL_OUTPUTS)} from teacher forcing, or "
+                                f"{', '.join(GENERATED_OUTPUTS)} from generation, not both)")
     return list(metrics.values())
 
 

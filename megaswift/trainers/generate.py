@@ -1,0 +1,286 @@
+"""Greedy generation on the model being trained, for ``--eval_metric nlg`` (ROUGE / BLEU of generated text).
+
+At an evaluation every validation sample (the val collator's encoded samples, packed or not) becomes a prompt
+(its tokens before the first trained label) and a reference (its trained tokens). Each data-parallel rank
+generates greedily for its share (samples ``dp_rank, dp_rank + dp, ...``) with megatron-core forward passes on
+the current weights: no KV cache, the whole prefix is recomputed at every new token, several prompts per
+forward as one padding-free row (``PackedSeqParams``, each prompt attends only to itself). The next token is
+the global argmax over the vocab-parallel head, so all tensor-parallel ranks of a group run the same forwards
+and pick the same ids. A sequence stops at a stop token (the tokenizer's EOS, the template's end-of-turn
+token, the generation config's EOS ids) or after ``--max_new_tokens``.
+
+Predictions and references are decoded without special tokens. The models are put in eval mode for the
+duration and every random number generator (torch CPU/CUDA, megatron-core's tracker, Python, NumPy) is
+restored afterwards, so a run with generation trains exactly like one without. Pipeline parallelism is not
+supported (``check_generation_layout`` rejects it before any model is built).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+logger = logging.getLogger(__name__)
+
+#: metric inputs produced by generation (``Metric.inputs``): decoded generated texts and reference texts
+GENERATED_OUTPUTS = ('predictions', 'references')
+
+
+def needs_generation(metric) -> bool:
+    return any(k in GENERATED_OUTPUTS for k in getattr(metric, 'inputs', ()) or ())
+
+
+def check_generation_layout(metrics: Iterable, args) -> None:
+    """One clear error, before any model is built, for a layout generation cannot run on."""
+    from ..arguments.base import ArgumentError
+    names = [type(m).__name__ for m in metrics if needs_generation(m)]
+    if not names:
+        return
+    pp = int(getattr(args, 'pipeline_model_parallel_size', 1) or 1)
+    if pp > 1:
+        metric = ','.join(getattr(args, 'eval_metric', None) or []) or 'nlg'
+        raise ArgumentError(f'--eval_metric {metric} generates text during evaluation, which needs every layer on '
+                            f'each rank: --pipeline_model_parallel_size {pp} is not supported with it (use '
+                            f'--tensor_model_parallel_size and data parallelism, or leave generated-text metrics '
+                            f'to megaswift sample / infer)')
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+@dataclass
+class EvalPrompt:
+    index: int              # the sample's position in the validation set
+    prompt: list[int]       # the tokens before the first trained label (at least one token)
+    reference: list[int]    # the trained tokens
+
+
+def eval_prompts(encoded, dp_rank: int = 0, dp_size: int = 1) -> list[EvalPrompt]:
+    """This DP rank's share of the validation samples as prompts + references (samples without any trained
+    token are left out; a sample trained from its first token keeps that token as its prompt)."""
+    out = []
+    for i in range(dp_rank, len(encoded), dp_size):
+        arrays = encoded.arrays(int(i))
+        ids = np.asarray(arrays['input_ids']).reshape(-1).tolist()
+        labels = np.asarray(arrays['labels']).reshape(-1)
+        trained = np.flatnonzero(labels != IGNORE_INDEX)
+        if not trained.size:
+            continue
+        first = max(int(trained[0]), 1)
+        reference = [ids[j] for j in trained.tolist() if j >= first]
+        if not reference:
+            continue
+        out.append(EvalPrompt(int(i), ids[:first], reference))
+    return out
+
+
+def stop_token_ids(tokenizer, encoder=None, hf_config=None, model_dir: Optional[str] = None) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's EOS, the template's end-of-turn token
+    (``<|im_end|>``, ``<|eot_id|>``) and the model's (generation) config EOS ids."""
+    ids: set[int] = set()
+
+    def add(value):
+        if value is None:
+            return
+        for v in (value if isinstance(value, (list, tuple, set)) else [value]):
+            if isinstance(v, int) and v >= 0:
+                ids.add(int(v))
+    add(getattr(tokenizer, 'eos_token_id', None))
+    add(getattr(hf_config, 'eos_token_id', None))
+    if model_dir:
+        try:
+            from transformers import GenerationConfig
+            add(GenerationConfig.from_pretrained(model_dir).eos_token_id)
+        except Exception:  # noqa: BLE001 - no generation_config.json is fine
+            pass
+    for attr in ('end', 'eot'):
+        text = getattr(encoder, attr, None)
+        if isinstance(text, str) and text:
+            tok = tokenizer(text, add_special_tokens=False)['input_ids']
+            if len(tok) == 1:
+                add(int(tok[0]))
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------- state
+@contextlib.contextmanager
+def preserved_rng_state():
+    """Every generator the training step may draw from is put back as it was (bit-exact resume)."""
+    from megatron.core import tensor_parallel
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracked = {}
+    for name, state in tracker.get_states().items():
+        tracked[name] = state.get_state() if isinstance(state, torch.Generator) else state.clone()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        states = tracker.get_states()
+        for name, saved in tracked.items():
+            if isinstance(states.get(name), torch.Generator):
+                states[name].set_state(saved)
+            else:
+                states[name] = saved
+        tracker.set_states(states)
+
+
+@contextlib.contextmanager
+def generation_mode(models: list):
+    """``eval()`` + ``no_grad`` for the duration, each model's own mode restored afterwards."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad(), preserved_rng_state():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int
+    stop_ids: list[int]
+    pad_to_multiple_of: int = 1     # the row length multiple sequence parallelism needs
+    pad_token_id: int = 0
+    max_total_length: Optional[int] = None  # prompt + answer at most (the model's max_position_embeddings)
+    tokens_per_forward: int = 4096  # prompts batched into one padding-free row up to about this many tokens
+
+
+def _next_tokens(trainer, sequences: list[list[int]], spec: GenerationSpec) -> list[int]:
+    """The greedy next id of every sequence, from one forward pass over them as one padding-free row."""
+    from ..template.packing import padding_free_collate
+    from .data import to_device
+    row = padding_free_collate([{'input_ids': s} for s in sequences], spec.pad_to_multiple_of, spec.pad_token_id)
+    batch = to_device({'input_ids': row.input_ids, 'position_ids': row.position_ids,
+                       'packed_seq_params': row.packed_seq_params()}, trainer.device)
+    model = trainer.models[0]
+    fused = trainer.ce_impl != 'torch'
+    kwargs = {'fp32_output': False} if fused and trainer.dtype != torch.float32 else {}
+    output = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], attention_mask=None,
+                   packed_seq_params=batch['packed_seq_params'], **kwargs)
+    last = torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=output.device)
+    out = output[0].index_select(0, last)  # [n, H] hidden states, or [n, V/tp] vocab-parallel logits
+    if fused:
+        from ..megatron import unwrap_model
+        from ..ops import linear_cross_entropy
+        from .head import head_weight
+        weight = head_weight(unwrap_model(model))
+        res = linear_cross_entropy(out, weight, torch.zeros(out.size(0), dtype=torch.long, device=out.device),
+                                   reduction='none', tp_group=trainer.tp_group, vocab_size=trainer.vocab_size,
+                                   impl=trainer.ce_impl, return_argmax=True)
+        ids = res.argmax
+    else:
+        from .loss import vocab_parallel_argmax
+        ids = vocab_parallel_argmax(out, trainer.vocab_size, trainer.tp_group)
+    return ids.view(-1).tolist()
+
+
+def greedy_generate(trainer, prompts: list[list[int]], spec: GenerationSpec) -> list[list[int]]:
+    """Greedy answers (without their stop token) of ``prompts``; call under ``generation_mode``.
+
+    Every tensor-parallel rank of a group must call this with the same prompts."""
+    stops = set(spec.stop_ids)
+    answers: list[list[int]] = [[] for _ in prompts]
+    budget = [spec.max_new_tokens if spec.max_total_length is None
+              else max(0, min(spec.max_new_tokens, spec.max_total_length - len(p))) for p in prompts]
+    pending = [k for k in range(len(prompts)) if budget[k] > 0]
+    while pending:
+        group, tokens = [], 0  # the next prompts that fit one row at their full length
+        for k in pending:
+            need = len(prompts[k]) + budget[k]
+            if group and tokens + need > spec.tokens_per_forward:
+                break
+            group.append(k)
+            tokens += need
+        active = list(group)
+        while active:
+            ids = _next_tokens(trainer, [prompts[k] + answers[k] for k in active], spec)
+            still = []
+            for k, tok in zip(active, ids):
+                if tok in stops:
+                    continue
+                answers[k].append(int(tok))
+                if len(answers[k]) < budget[k]:
+                    still.append(k)
+            active = still
+        done = set(group)
+        pending = [k for k in pending if k not in done]
+    return answers
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def generate_eval_texts(trainer) -> dict[str, Any]:
+    """This DP rank's ``{'predictions': [...], 'references': [...], 'indices': [...]}`` for the validation set,
+    generated with the current weights (all ranks of the run call this together)."""
+    data, args = trainer.data, trainer.args
+    collator = data.val_collator
+    tokenizer = getattr(data, 'tokenizer', None)
+    if tokenizer is None:
+        from ..model import load_tokenizer
+        tokenizer = load_tokenizer(trainer.model_dir)
+    stops = getattr(data, 'stop_token_ids', None) or stop_token_ids(tokenizer, None, trainer.hf_config,
+                                                                     trainer.model_dir)
+    max_pos = int(getattr(trainer.hf_config, 'max_position_embeddings', 0) or 0) or None
+    spec = GenerationSpec(max_new_tokens=int(getattr(args, 'max_new_tokens', 64) or 64), stop_ids=list(stops),
+                          pad_to_multiple_of=max(1, int(collator.pad_to_multiple_of)),
+                          pad_token_id=int(collator.pad_token_id), max_total_length=max_pos,
+                          tokens_per_forward=max(int(collator.max_length or 0) * int(args.micro_batch_size), 1024))
+    prompts = eval_prompts(collator.encoded, trainer.dp_rank, trainer.dp_size)
+    start = time.perf_counter()
+    with generation_mode(trainer.models):
+        answers = greedy_generate(trainer, [p.prompt for p in prompts], spec)
+    logger.info('nlg: %d answers (%d tokens) generated on this rank in %.1f s', len(answers),
+                sum(map(len, answers)), time.perf_counter() - start)
+    decode = _decoder(tokenizer)
+    return {'predictions': [decode(a) for a in answers], 'references': [decode(p.reference) for p in prompts],
+            'indices': [p.index for p in prompts]}
+
+
+def _decoder(tokenizer):
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return decode
+
+
+def write_predictions(trainer, generated: dict[str, Any]) -> Optional[Path]:
+    """``<output_dir>/predict/step-<N>.jsonl`` (rank 0; every rank calls it): one line per validation sample in
+    dataset order, ``{'index', 'response', 'labels'}`` (ms-swift's names for the generated and reference text)."""
+    dist = torch.distributed
+    rows = [{'index': i, 'response': p, 'labels': r}
+            for i, p, r in zip(generated['indices'], generated['predictions'], generated['references'])]
+    if dist.is_available() and dist.is_initialized() and trainer.dp_size > 1:
+        parts: list = [None] * trainer.dp_size
+        dist.all_gather_object(parts, rows, group=trainer.dp_group)
+        rows = [r for part in parts for r in part]
+    if not trainer.is_main_process:
+        return None
+    rows.sort(key=lambda r: r['index'])
+    path = Path(trainer.args.output_dir) / 'predict' / f'step-{trainer.state.global_step}.jsonl'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open('w', encoding='utf-8') as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + '\n')
+    return path
+
+
+__all__ = ['GENERATED_OUTPUTS', 'EvalPrompt', 'GenerationSpec', 'check_generation_layout', 'eval_prompts',
+           'generate_eval_texts', 'generation_mode', 'greedy_generate', 'needs_generation', 'preserved_rng_state',
+           'stop_token_ids', 'write_predictions']
