@@ -77,9 +77,13 @@ def best_impl(device: torch.device) -> str:
 
 
 def default_chunk_size(num_vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    budget = _BLOCK_BYTES['cuda' if device.type == 'cuda' else 'cpu']
-    per_row = max(num_vocab, 1) * (4 if device.type == 'cpu' else max(torch.finfo(dtype).bits // 8, 2))
-    return max(16, budget // per_row // 16 * 16)
+    """Tokens per chunk: one logits block within ``_BLOCK_BYTES`` (float32 size on CPU, where the workspace is
+    float32), but at least 256 rows on CPU (thinner GEMMs lose more time than the block saves: measured at
+    V = 152k, 96-row chunks were 13 % slower than 256-row ones)."""
+    cpu = device.type != 'cuda'
+    per_row = max(num_vocab, 1) * (4 if cpu else max(torch.finfo(dtype).bits // 8, 2))
+    rows = _BLOCK_BYTES['cpu' if cpu else 'cuda'] // per_row // 16 * 16
+    return max(256 if cpu else 16, rows)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
