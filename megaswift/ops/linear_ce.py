@@ -23,11 +23,14 @@ The row passes come from ``linear_ce_rows`` (PyTorch: the reference and the CPU 
 """
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple, Optional
 
 import torch
 
 from . import linear_ce_rows
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 REDUCTIONS = ('mean', 'sum', 'none')
@@ -58,7 +61,9 @@ class _CudaRows:
 
 
 def row_ops(impl: str | None, device: torch.device):
-    """The provider of ``row_stats`` and ``logit_grad_`` for ``impl`` on ``device``."""
+    """The provider of ``row_stats`` and ``logit_grad_`` for ``impl`` on ``device``. The CUDA kernels are
+    checked against the PyTorch rows once per device before first use (``verify_cuda_rows``): with ``impl=None``
+    a failing check falls back to the PyTorch rows with a warning, with ``impl='cuda'`` it raises."""
     if impl not in (None,) + IMPLS:
         raise ValueError(f'impl must be one of {IMPLS} or None, got {impl!r}')
     if impl == 'chunked' or (impl is None and device.type != 'cuda'):
@@ -66,9 +71,52 @@ def row_ops(impl: str | None, device: torch.device):
     if impl == 'cuda' and device.type != 'cuda':
         raise ValueError(f"impl='cuda' needs CUDA tensors, got {device.type} tensors")
     from . import cuda_ext
+    if impl is None and not cuda_ext.available():
+        return linear_ce_rows
+    rows = _CudaRows(cuda_ext.load(required=True))
+    problem = verify_cuda_rows(rows, device)
+    if problem is None:
+        return rows
     if impl == 'cuda':
-        return _CudaRows(cuda_ext.load(required=True))
-    return _CudaRows(cuda_ext.load()) if cuda_ext.available() else linear_ce_rows
+        raise RuntimeError(f'the CUDA linear cross entropy kernels disagree with the PyTorch reference: {problem}')
+    logger.warning('the CUDA linear cross entropy kernels disagree with the PyTorch reference (%s); using the '
+                   'PyTorch rows', problem)
+    return linear_ce_rows
+
+
+_VERIFIED: dict = {}
+
+
+def verify_cuda_rows(rows, device: torch.device) -> str | None:
+    """Compare ``rows`` with ``linear_ce_rows`` on random blocks (float32 and bfloat16, odd widths, ignored and
+    tied targets) once per device; None when they agree, else what differs. A few milliseconds on a GPU."""
+    key = (device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _compare_rows(rows, torch.device('cuda', key[1]))
+        if _VERIFIED[key] is None:
+            logger.info('CUDA linear cross entropy kernels checked against the PyTorch rows on %s', device)
+    return _VERIFIED[key]
+
+
+def _compare_rows(rows, device: torch.device) -> str | None:
+    g = torch.Generator(device='cpu').manual_seed(1234)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        for n, v in ((7, 1), (33, 1001), (64, 4099)):
+            z = (torch.randn(n, v, generator=g) * 4).to(dtype)
+            z[0, :] = z[0, 0]  # a row of ties
+            target = torch.randint(-1, v, (n,), generator=g)
+            want = linear_ce_rows.row_stats(z, target)
+            got = rows.row_stats(z.to(device), target.to(device)).cpu()
+            if not torch.allclose(got[:, :5], want[:, :5], rtol=tol, atol=tol) or \
+                    not torch.equal(got[:, 5], want[:, 5]):
+                return f'row_stats {dtype} [{n}, {v}]: max difference {float((got - want).abs().max()):.3g}'
+            lse = want[:, 0] + torch.log(want[:, 1])
+            coef = torch.randn(n, 4, generator=g)
+            ref = linear_ce_rows.logit_grad_(z.clone(), lse, target, coef).float()
+            out = rows.logit_grad_(z.to(device), lse.to(device), target.to(device), coef.to(device)).float().cpu()
+            if not torch.allclose(out, ref, rtol=tol, atol=tol):
+                return f'logit_grad_ {dtype} [{n}, {v}]: max difference {float((out - ref).abs().max()):.3g}'
+    return None
 
 
 def best_impl(device: torch.device) -> str:

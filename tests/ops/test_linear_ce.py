@@ -141,6 +141,33 @@ def test_row_passes_and_merge():
     assert torch.allclose(grad, ref, atol=1e-6)
 
 
+def test_kernel_self_check_accepts_the_reference_and_catches_a_wrong_kernel():
+    """The check the never-GPU-run CUDA rows pass before first use, run here on CPU stand-ins."""
+    from megaswift.ops import linear_ce_rows
+    from megaswift.ops.linear_ce import _compare_rows
+
+    class OffByOne:  # a plausible kernel bug: the gradient's target column shifted by one
+        row_stats = staticmethod(linear_ce_rows.row_stats)
+
+        @staticmethod
+        def logit_grad_(z, lse, target, coef):
+            return linear_ce_rows.logit_grad_(z, lse, torch.where(target > 0, target - 1, target), coef)
+
+    class NoTieRule:  # argmax returning the last of equal maxima
+        logit_grad_ = staticmethod(linear_ce_rows.logit_grad_)
+
+        @staticmethod
+        def row_stats(z, target):
+            out = linear_ce_rows.row_stats(z, target)
+            out[:, 5] = z.size(1) - 1 - z.flip(1).float().argmax(1)
+            return out
+
+    cpu = torch.device('cpu')
+    assert _compare_rows(linear_ce_rows, cpu) is None
+    assert 'logit_grad_' in _compare_rows(OffByOne, cpu)
+    assert 'row_stats' in _compare_rows(NoTieRule, cpu)
+
+
 def test_bad_input_is_rejected():
     h, w = torch.randn(4, 3), torch.randn(5, 3)
     with pytest.raises(ValueError, match='outside the vocabulary'):
