@@ -1,5 +1,6 @@
 """``megaswift sft`` / ``megaswift pt`` through the CLI, in subprocesses: an uninterrupted run, the same run
-killed with SIGKILL mid-training and resumed with ``--resume_from_checkpoint true`` (identical logs), the
+killed with SIGKILL mid-training and resumed with ``--resume_from_checkpoint true`` (identical logs; also one
+rank of a DP=2 torchrun job), the
 checkpoint exported with ``megaswift export --to_hf``, and a one-line input error. (``pt_main`` runs in
 ``train_cases.py``.)
 """
@@ -24,7 +25,8 @@ _train_step = loop.Trainer.train_step
 
 
 def train_step(self):
-    if self.state.global_step == 4:  # after the step-3 checkpoint and the step-4 log, before step 5
+    # after the step-3 checkpoint and the step-4 log, before step 5; under torchrun only rank KILL_RANK dies
+    if self.state.global_step == 4 and os.environ.get('RANK', '0') == os.environ.get('KILL_RANK', '0'):
         os.kill(os.getpid(), signal.SIGKILL)
     return _train_step(self)
 
@@ -83,6 +85,31 @@ def test_sft_kill9_resume_and_export(tiny, run_cli, tmp_path):
     assert all((exported[k] == saved[k]).all() for k in saved)
     original = load_file(Path(tiny['model']) / 'model.safetensors')
     assert not (original['model.layers.0.mlp.up_proj.weight'] == saved['model.layers.0.mlp.up_proj.weight']).all()
+
+
+def test_kill9_of_one_rank_of_two_resumes_bit_exactly(tiny, run_cli, tmp_path):
+    """DP=2 with the distributed optimizer under torchrun: rank 1 is killed with SIGKILL after the step-3
+    checkpoint, torchrun takes the job down, and ``--resume_from_checkpoint true`` (sharded optimizer state,
+    both ranks' RNG) continues with the logs of an uninterrupted DP=2 run."""
+    env = {'MEGASWIFT_CACHE': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1', 'NPROC_PER_NODE': '2'}
+    common = ['--model', tiny['model'], '--dataset', tiny['data'], '--max_length', '64', '--packing', 'true',
+              '--global_batch_size', '4', '--max_steps', '6', '--save_steps', '3', '--logging_steps', '1',
+              '--lr', '1e-3', '--warmup_steps', '1', '--use_distributed_optimizer', 'true',
+              '--save_safetensors', 'false']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    run_cli(['sft', *common, '--output_dir', a], env=env)
+    plugin = tmp_path / 'kill_rank1.py'
+    plugin.write_text(KILL_PLUGIN)
+    killed = run_cli(['sft', *common, '--output_dir', b, '--external_plugins', plugin],
+                     env={**env, 'KILL_RANK': '1'}, check=False)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert (b / 'latest_checkpointed_iteration.txt').read_text() == '3'
+    run_cli(['sft', *common, '--output_dir', b, '--resume_from_checkpoint', 'true'], env=env)
+    want, got = read_logs(a), read_logs(b)
+    assert sorted(got) == sorted(want) and len(want) == 6
+    for key, rec in want.items():
+        for field in ('loss', 'grad_norm', 'lr'):
+            assert got[key][field] == rec[field], (key, field, got[key], rec)
 
 
 def test_bad_input_is_one_line(tiny, run_cli, tmp_path):
