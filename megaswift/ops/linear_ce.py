@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 REDUCTIONS = ('mean', 'sum', 'none')
 IMPLS = ('chunked', 'cuda')
 # the float32 size of one logits block: large enough for efficient GEMMs, small next to the N x V logits
-_BLOCK_BYTES = {'cpu': 64 << 20, 'cuda': 1 << 30}
+_BLOCK_BYTES = {'cpu': 128 << 20, 'cuda': 1 << 30}
 
 
 class LinearCEOutput(NamedTuple):
@@ -240,31 +240,36 @@ def _grad_coefficients(w_loss, g_logprob, g_entropy, entropy, lse, plan: _Plan) 
     return torch.stack([a, -g_h, c, d], dim=1).contiguous()
 
 
-def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: int = 8192) -> None:
-    """``acc += a @ b``; a float32 ``acc`` of 16-bit operands is fed ``rows`` rows at a time, so the 16-bit
-    product never needs a temporary as large as ``acc`` (dW of a 150k vocabulary)."""
-    if acc.dtype == a.dtype:
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, overwrite: bool = False,
+                rows: int = 8192) -> None:
+    """``acc += a @ b`` (``acc = a @ b`` with ``overwrite``, which needs ``acc`` in the operands' dtype); a float32
+    ``acc`` of 16-bit operands is fed ``rows`` rows at a time, so the 16-bit product never needs a temporary as
+    large as ``acc`` (dW of a 150k vocabulary)."""
+    if overwrite:
+        torch.mm(a, b, out=acc)
+    elif acc.dtype == a.dtype:
         acc.addmm_(a, b)
-        return
-    for r in range(0, acc.size(0), rows):
-        acc[r:r + rows].add_(a[r:r + rows] @ b)
+    else:
+        for r in range(0, acc.size(0), rows):
+            acc[r:r + rows].add_(a[r:r + rows] @ b)
 
 
-def _accumulate_grads(z, x, w, labels, lse, coef, plan: _Plan, start: int, dx, dw):
-    """Turn logits block ``z`` (columns ``start..``) into dlogits and add its share to ``dx`` / ``dw``."""
+def _accumulate_grads(z, x, w, labels, lse, coef, plan: _Plan, start: int, dx, dw, overwrite=(False, False)):
+    """Turn logits block ``z`` (columns ``start..``) into dlogits and add its share to ``dx`` / ``dw`` (or write
+    it there: ``overwrite`` = (for dx, for dw), when this block is the only contribution)."""
     g = plan.ops.logit_grad_(z, lse, _local_target(labels, plan, start, z.size(1)), coef, plan.blocks.workspace)
     if dx is not None:
-        _add_matmul(dx, g, w[start:start + z.size(1)])
+        _add_matmul(dx, g, w[start:start + z.size(1)], overwrite[0])
     if dw is not None:
-        _add_matmul(dw[start:start + z.size(1)], g.t(), x)
+        _add_matmul(dw[start:start + z.size(1)], g.t(), x, overwrite[1])
 
 
-def _chunk_grads(x, w, labels, lse, coef, plan: _Plan, block, dx_c, dw):
+def _chunk_grads(x, w, labels, lse, coef, plan: _Plan, block, dx_c, dw, overwrite=(False, False)):
     """dlogits of one token chunk -> ``dx_c`` (this chunk's rows of dX) and ``dw``; ``block``: the logits
     when the vocabulary is one block (else they are recomputed block by block)."""
     for start in range(0, w.size(0), plan.vocab_chunk):
         z = block if block is not None else plan.blocks.logits(x, w[start:start + plan.vocab_chunk])
-        _accumulate_grads(z, x, w, labels, lse, coef, plan, start, dx_c, dw)
+        _accumulate_grads(z, x, w, labels, lse, coef, plan, start, dx_c, dw, overwrite)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -281,9 +286,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = labels != IGNORE_INDEX
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         eager = eager and (need_dx or need_dw)
-        dx = torch.zeros_like(hidden) if eager and need_dx else None
-        dw = torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device) \
-            if eager and need_dw else None
+        # one vocabulary block: each chunk's dX rows and (with one token chunk) dW are written by a single GEMM in
+        # the operands' dtype, as the unfused path does; otherwise they are accumulated in float32
+        one_block = plan.vocab_chunk >= weight.size(0)
+        one_chunk = one_block and n <= plan.chunk
+        dx = torch.empty_like(hidden) if eager and need_dx else None
+        dw = None
+        if eager and need_dw:
+            dw = torch.empty_like(weight) if one_chunk else \
+                torch.zeros(weight.shape, dtype=_acc_dtype(weight.dtype), device=weight.device)
         for s in range(0, n, plan.chunk):
             sl = slice(s, min(s + plan.chunk, n))
             x, lab = hidden[sl], labels[sl]
@@ -295,14 +306,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 coef = _grad_coefficients(weights[sl], None, None, entropy[sl], lse[sl], plan)
                 dx_c = None
                 if dx is not None:
-                    dx_c = torch.zeros(x.shape, dtype=_acc_dtype(x.dtype), device=x.device) \
-                        if block is None else dx[sl]
-                _chunk_grads(x, weight, lab, lse[sl], coef, plan, block, dx_c, dw)
-                if dx is not None and block is None:
+                    dx_c = dx[sl] if one_block else torch.zeros(x.shape, dtype=_acc_dtype(x.dtype), device=x.device)
+                _chunk_grads(x, weight, lab, lse[sl], coef, plan, block, dx_c, dw, (one_block, one_chunk))
+                if dx is not None and not one_block:
                     dx[sl] = dx_c
         ctx.plan, ctx.eager = plan, eager
         if eager:
-            ctx.save_for_backward(dx, None if dw is None else dw.to(weight.dtype))
+            ctx.save_for_backward(dx, dw if dw is None or dw.dtype == weight.dtype else dw.to(weight.dtype))
         else:
             ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.mark_non_differentiable(argmax)
@@ -315,8 +325,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dx, dw = ctx.saved_tensors
             # the loss's upstream gradient is one scalar times the per-token weights folded in forward
             scale = g_loss[0] if g_loss is not None else None
-            dx = None if dx is None or scale is None else dx * scale.to(dx.dtype)
-            dw = None if dw is None or scale is None else dw * scale.to(dw.dtype)
+            dx = None if dx is None or scale is None else dx * scale.to(dx.dtype)  # not in place: backward may
+            dw = None if dw is None or scale is None else dw * scale.to(dw.dtype)  # run again (retain_graph)
         else:
             dx, dw = _recompute_grads(ctx, g_loss, g_logprob, g_entropy)
         if dx is not None and plan.tp_size > 1:
