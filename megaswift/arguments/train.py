@@ -210,6 +210,10 @@ class TrainLoopArguments:
         if self.cross_entropy_impl not in CROSS_ENTROPY_IMPLS:
             raise ArgumentError(f"--cross_entropy_impl: unknown value '{self.cross_entropy_impl}' "
                                 f"({', '.join(CROSS_ENTROPY_IMPLS)})")
+        if self.cross_entropy_impl == 'cuda':
+            import torch
+            if not torch.cuda.is_available():
+                raise ArgumentError('--cross_entropy_impl cuda needs a CUDA GPU; on CPU use auto or chunked')
 
 
 @dataclass

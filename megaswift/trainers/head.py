@@ -51,9 +51,9 @@ def resolve_cross_entropy_impl(requested: str, device: torch.device) -> str:
     if requested == 'auto':
         return best_impl(device)
     if requested == 'cuda':
-        from ..ops import cuda_ext
         if device.type != 'cuda':
             from ..utils.errors import UserError
             raise UserError('--cross_entropy_impl cuda needs a GPU; use chunked (or auto) on CPU')
-        cuda_ext.load(required=True)
+        from ..ops.linear_ce import row_ops
+        row_ops('cuda', device)  # builds/loads the extension and checks it now, not at the first step
     return requested
