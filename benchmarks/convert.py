@@ -12,7 +12,6 @@ a torchrun launch: the largest of the launcher and its workers). Both are set ag
 bit-identical to the source weights.
 """
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -26,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'tests'))
+from results_csv import RESULTS_CSV, append_csv  # noqa: E402  (benchmarks/)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 MODEL_ID = 'HuggingFaceTB/SmolLM2-135M-Instruct'
-CSV_COLUMNS = ['date', 'benchmark', 'tool', 'variant', 'wall_s', 'samples', 'samples_per_s', 'notes']
 
 
 def dir_bytes(path: Path, pattern: str = '**/*') -> int:
@@ -131,7 +130,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--only', choices=['tiny', 'smollm2'], help='run one model only')
     ap.add_argument('--tp2', action='store_true', help='also HF -> mcore at TP2 under torchrun (2 processes)')
-    ap.add_argument('--csv', default=str(ROOT / 'benchmarks' / 'results.csv'))
+    ap.add_argument('--csv', default=str(RESULTS_CSV))
     ap.add_argument('--no-csv', action='store_true')
     args = ap.parse_args()
     from megaswift.model import resolve_model_dir
@@ -176,14 +175,7 @@ def main():
                          'variant': r['variant'], 'wall_s': f'{r["wall_s"]:.2f}',
                          'samples': f'{r["out_bytes"] / mb:.1f}',
                          'samples_per_s': f'{r["out_bytes"] / mb / r["convert_s"]:.1f}', 'notes': notes})
-    path = Path(args.csv)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, 'a', newline='') as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(out_rows)
-    print(f'appended {len(out_rows)} rows to {path}')
+    append_csv(args.csv, out_rows)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ materialised logits would not fit (``--max-gb``) are skipped for torch and repor
 Rows are appended to benchmarks/results.csv (date, benchmark, tool, variant, wall_s, samples, samples_per_s, notes).
 """
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CSV_COLUMNS = ['date', 'benchmark', 'tool', 'variant', 'wall_s', 'samples', 'samples_per_s', 'notes']
+from results_csv import RESULTS_CSV, append_csv  # noqa: E402  (benchmarks/)
 PEAK_TFLOPS_BF16 = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0}
 
 
@@ -130,6 +129,7 @@ def main():
     ap.add_argument('--repeats', type=int, default=2)
     ap.add_argument('--impls', nargs='+')
     ap.add_argument('--max-gb', type=float, default=14.0, help='skip torch when its logits would exceed this')
+    ap.add_argument('--csv', default=str(RESULTS_CSV))
     ap.add_argument('--no-csv', action='store_true')
     ap.add_argument('--one', help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,13 +176,8 @@ def main():
                 print(f'{"":>6} {"":>7} {"ratio":>8} torch/chunked: time {tt / tc:.2f}x, peak memory '
                       f'{rt["peak_bytes"] / max(rc["peak_bytes"], 1):.1f}x; |loss diff| {abs(rt["loss"] - rc["loss"]):.2e}')
     if rows and not args.no_csv:
-        path = ROOT / 'benchmarks' / 'results.csv'
         now = datetime.datetime.now().isoformat(timespec='seconds')
-        with open(path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            for row in rows:
-                writer.writerow({'date': now, **row})
-        print(f'{len(rows)} rows appended to {path}')
+        append_csv(args.csv, [{'date': now, **row} for row in rows])
 
 
 if __name__ == '__main__':

@@ -15,7 +15,6 @@
 Rows are appended to benchmarks/results.csv (date, benchmark, tool, variant, wall_s, samples, samples_per_s, notes).
 """
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -28,11 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from results_csv import RESULTS_CSV, append_csv  # noqa: E402  (benchmarks/)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 DATA = ROOT / 'examples' / 'data' / 'chat_mix.jsonl'
 MODEL_ID = 'HuggingFaceTB/SmolLM2-135M-Instruct'
-CSV_COLUMNS = ['date', 'benchmark', 'tool', 'variant', 'wall_s', 'samples', 'samples_per_s', 'notes']
 
 # ------------------------------------------------------------------------------------ the chat set
 SYSTEMS = ['You are a concise assistant. Answer in as few words as possible.',
@@ -131,7 +130,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--rows', type=int, default=4000, help='rows to encode (the file repeats past its size)')
     ap.add_argument('--batch-size', type=int, default=8, help='samples per plain-padded micro-batch')
-    ap.add_argument('--csv', default=str(ROOT / 'benchmarks' / 'results.csv'))
+    ap.add_argument('--csv', default=str(RESULTS_CSV))
     ap.add_argument('--no-csv', action='store_true')
     ap.add_argument('--write-data', action='store_true', help='regenerate the chat set and exit')
     ap.add_argument('--max-wait', type=float, default=120, help='seconds to wait for a 1-min load below 1.0')
@@ -210,13 +209,7 @@ def main():
             f'efficiency {eff:.4f}; {note}')
 
     if not args.no_csv:
-        new = not Path(args.csv).exists()
-        with open(args.csv, 'a', newline='') as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-        print(f'appended {len(rows)} row(s) to {args.csv}')
+        append_csv(args.csv, rows)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,6 @@ for), measured with time.perf_counter around subprocess.run; best of --repeats p
 Rows are appended to benchmarks/results.csv (date, benchmark, tool, variant, wall_s, samples, samples_per_s, notes).
 """
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -25,13 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+from results_csv import RESULTS_CSV, append_csv  # noqa: E402  (benchmarks/)
 MAIN_PY = ROOT / '.venv' / 'bin' / 'python'
 SWIFT_VENV = ROOT / '.venv-swift'
 DATASET = ROOT / 'benchmarks' / 'data' / 'math5.jsonl'
 MODEL_ID = 'HuggingFaceTB/SmolLM2-135M-Instruct'
 BENCHMARK = 'sample_smollm2_5x4x64'
 VARIANT = 'transformers-bf16'
-CSV_COLUMNS = ['date', 'benchmark', 'tool', 'variant', 'wall_s', 'samples', 'samples_per_s', 'notes']
 JOB = ['--num_return_sequences', '4', '--max_new_tokens', '64', '--temperature', '0.7',
        '--torch_dtype', 'bfloat16', '--sampler_engine', 'transformers']
 EXPECTED_SAMPLES = 5 * 4
@@ -64,6 +63,14 @@ def resolve_model():
     code = f'from megaswift.model import resolve_model_dir; print(resolve_model_dir({MODEL_ID!r}))'
     out = subprocess.run([str(MAIN_PY), '-c', code], capture_output=True, text=True, check=True, cwd=ROOT)
     return out.stdout.strip().splitlines()[-1]
+
+
+def require_clis(swift: bool, megaswift: bool) -> None:
+    """Exit with a hint when a CLI the run needs is missing."""
+    if swift and not (SWIFT_VENV / 'bin' / 'swift').exists():
+        sys.exit(f'{SWIFT_VENV}/bin/swift not found: run `python benchmarks/sample_vs_swift.py --setup` first')
+    if megaswift and megaswift_entry() is None:
+        sys.exit('megaswift CLI not found (.venv/bin/megaswift or megaswift/cli/main.py)')
 
 
 def megaswift_entry():
@@ -156,34 +163,20 @@ def run_once(tool, model_dir, keep_log_dir, max_wait):
     return run['wall'], run['result'], run['load'], run['other']
 
 
-def append_csv(path, rows):
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a', newline='') as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--setup', action='store_true', help='create .venv-swift (torch 2.13.0 + ms-swift 4.6.0) if missing')
     ap.add_argument('--repeats', type=int, default=2, help='runs per tool; the best wall time is reported')
     ap.add_argument('--only', choices=['swift', 'megaswift', 'both'], default='both')
     ap.add_argument('--max-wait', type=float, default=60.0, help='seconds to wait for a quiet machine before each run')
-    ap.add_argument('--csv', default=str(ROOT / 'benchmarks' / 'results.csv'), help='results CSV to append to')
+    ap.add_argument('--csv', default=str(RESULTS_CSV), help='results CSV to append to')
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
 
     if args.setup:
         setup_swift()
     tools = ['megaswift', 'swift'] if args.only == 'both' else [args.only]
-    if 'swift' in tools and not (SWIFT_VENV / 'bin' / 'swift').exists():
-        sys.exit(f'{SWIFT_VENV}/bin/swift not found: run with --setup first')
-    if 'megaswift' in tools and megaswift_entry() is None:
-        sys.exit('megaswift CLI not found (.venv/bin/megaswift or megaswift/cli/main.py)')
+    require_clis(swift='swift' in tools, megaswift='megaswift' in tools)
     model_dir = resolve_model()
     print(f'model dir: {model_dir}\ndataset:   {DATASET}')
     for t in tools:
@@ -238,7 +231,6 @@ def finish(csv_path, rows: list[dict], ok: bool, log_dir, what: str) -> int:
     """Append the CSV rows; keep the per-run logs only when something failed. Returns the exit code."""
     if rows:
         append_csv(csv_path, rows)
-        print(f'appended {len(rows)} row(s) to {csv_path}')
     if ok:
         shutil.rmtree(log_dir, ignore_errors=True)
     else:

@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, finish, log_tail, measured_run,  # noqa: E402
+from results_csv import RESULTS_CSV  # noqa: E402
+from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, finish, log_tail, measured_run, require_clis,  # noqa: E402
                              megaswift_entry, resolve_model)
 
 DATASET = ROOT / 'benchmarks' / 'data' / 'sft64.jsonl'
@@ -136,16 +137,14 @@ def main():
     ap.add_argument('--only', choices=['megaswift', 'swift', 'both'], default='both')
     ap.add_argument('--no-swift-packing', action='store_true', help='skip the swift --packing true variant')
     ap.add_argument('--max-wait', type=float, default=60.0, help='seconds to wait for a quiet machine before each run')
-    ap.add_argument('--csv', default=str(ROOT / 'benchmarks' / 'results.csv'), help='results CSV to append to')
+    ap.add_argument('--csv', default=str(RESULTS_CSV), help='results CSV to append to')
     args = ap.parse_args()
     sys.stdout.reconfigure(line_buffering=True)
 
     variants = [v for v, (t, p) in VARIANTS.items() if args.only in ('both', t)
                 and not (t == 'swift' and p and args.no_swift_packing)]
-    if any(VARIANTS[v][0] == 'swift' for v in variants) and not (SWIFT_VENV / 'bin' / 'swift').exists():
-        sys.exit(f'{SWIFT_VENV}/bin/swift not found: run `python benchmarks/sample_vs_swift.py --setup` first')
-    if any(VARIANTS[v][0] == 'megaswift' for v in variants) and megaswift_entry() is None:
-        sys.exit('megaswift CLI not found (.venv/bin/megaswift or megaswift/cli/main.py)')
+    tools = {VARIANTS[v][0] for v in variants}
+    require_clis(swift='swift' in tools, megaswift='megaswift' in tools)
     model_dir = resolve_model()
     lens = dataset_tokens(model_dir)
     print(f'model dir: {model_dir}\ndataset:   {DATASET} ({len(lens)} rows, {sum(lens)} tokens, max {max(lens)})')
