@@ -15,14 +15,11 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..utils.dist import rank
+
 logger = logging.getLogger(__name__)
 
 PROMPT = [{'role': 'user', 'content': 'Who are you? Answer in one short sentence, then count from one to five.'}]
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def build_batch(tokenizer, vocab_size: int, num_random_rows: int = 2, seed: int = 0) -> torch.Tensor:
@@ -146,7 +143,7 @@ def test_convert_precision(models, hf_dir: str | os.PathLike, *, compute_dtype: 
         for m, t in zip(models, was_training):
             m.train(t)
     result = None
-    if _rank() == 0:
+    if rank() == 0:
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype).eval()
         with torch.no_grad():
             hf_logits = hf(input_ids=input_ids).logits.float()

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ..utils.dist import barrier, initialized_dist, rank
 from ..utils.errors import UserError
 from ..utils.paths import atomic_write_text
 
@@ -46,24 +47,8 @@ class CheckpointError(UserError, RuntimeError):
     """A missing, incomplete or incompatible checkpoint; the message names the directory and what is wrong."""
 
 
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _rank() -> int:
-    dist = _dist()
-    return dist.get_rank() if dist else 0
-
-
-def _barrier() -> None:
-    dist = _dist()
-    if dist:
-        dist.barrier()
-
-
 def _broadcast(obj):
-    dist = _dist()
+    dist = initialized_dist()
     if not dist or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -72,7 +57,7 @@ def _broadcast(obj):
 
 
 def _any_rank_failed(failed: bool) -> bool:
-    dist = _dist()
+    dist = initialized_dist()
     if not dist or dist.get_world_size() == 1:
         return failed
     flag = torch.tensor([int(failed)])
@@ -82,7 +67,7 @@ def _any_rank_failed(failed: bool) -> bool:
 
 def current_layout() -> dict[str, Any]:
     from megatron.core import parallel_state as ps
-    dist = _dist()
+    dist = initialized_dist()
     return {'tensor_model_parallel_size': ps.get_tensor_model_parallel_world_size(),
             'pipeline_model_parallel_size': ps.get_pipeline_model_parallel_world_size(),
             'virtual_pipeline_model_parallel_size': ps.get_virtual_pipeline_model_parallel_world_size(),
@@ -134,7 +119,7 @@ def distributed_atomic_directory(final: str | os.PathLike):
     """
     final = Path(final).resolve()
     tmp = error = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = tempfile.mkdtemp(dir=final.parent, prefix=f'.{final.name}.', suffix='.partial')
@@ -152,7 +137,7 @@ def distributed_atomic_directory(final: str | os.PathLike):
         raised = e
     failed = _any_rank_failed(raised is not None)
     commit_error = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             if not failed:
                 if final.exists():
@@ -190,21 +175,21 @@ def save_mcore_checkpoint(models, output_dir: str | os.PathLike, hf_config, extr
     meta = _meta(models, hf_config, extra_meta, sub)
     with distributed_atomic_directory(root if iteration is None else root / sub) as tmp:
         ckpt = tmp / sub if iteration is None else tmp
-        if _rank() == 0:
+        if rank() == 0:
             ckpt.mkdir(exist_ok=True)
-        _barrier()
+        barrier()
         dist_checkpointing.save(_sharded_state_dict(models), str(ckpt), sharded_strategy=('torch_dist', 1))
-        if _rank() == 0:
+        if rank() == 0:
             _write_meta(ckpt if iteration is not None else tmp, meta)
             if iteration is None:
                 _write_side_files(tmp, hf_config, hf_dir)
                 (tmp / TRACKER_FILE).write_text('release')  # the completion marker, written last
     if iteration is not None:
-        if _rank() == 0:
+        if rank() == 0:
             _write_meta(root, meta)
             _write_side_files(root, hf_config, hf_dir)
             _atomic_text(root / TRACKER_FILE, str(int(iteration)))  # only now does the new iteration count
-        _barrier()
+        barrier()
     logger.info('saved mcore checkpoint %s to %s', sub, root)
     return str(root)
 
@@ -317,7 +302,7 @@ def load_mcore_checkpoint(models, ckpt_dir: str | os.PathLike) -> dict:
     ckpt = resolve_checkpoint_dir(root)
     meta = read_meta(root) if (root / META_FILE).is_file() else {}
     error = None
-    if _rank() == 0:
+    if rank() == 0:
         try:
             verify_checkpoint_files(ckpt)
         except CheckpointError as e:
@@ -358,7 +343,7 @@ def _more(keys) -> str:
 
 def _first_error(error: str | None) -> str | None:
     """The first rank's error, on every rank (a collective)."""
-    dist = _dist()
+    dist = initialized_dist()
     if not dist or dist.get_world_size() == 1:
         return error
     errors = [None] * dist.get_world_size()

@@ -31,6 +31,7 @@ import torch
 from ..megatron.checkpoint import (FORMAT, FORMAT_VERSION, META_FILE, TRACKER_FILE, CheckpointError, apply_umask,
                                    copy_hf_side_files, current_layout, distributed_atomic_directory,
                                    resolve_checkpoint_dir)
+from ..utils.dist import barrier, rank
 from ..utils.paths import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -39,21 +40,6 @@ _ITER_RE = re.compile(r'^iter_(\d{7})$')
 # The distributed optimizer's state as megatron-core saves it by default: one tensor per contiguous buffer,
 # fully parallel, reshardable in DP only (a resume at another TP/PP needs the non-distributed optimizer).
 OPTIM_METADATA = {'distrib_optim_sharding_type': 'dp_reshardable', 'chained_optim_avoid_prefix': True}
-
-
-def _dist():
-    return torch.distributed if torch.distributed.is_available() and torch.distributed.is_initialized() else None
-
-
-def _rank() -> int:
-    d = _dist()
-    return d.get_rank() if d else 0
-
-
-def _barrier() -> None:
-    d = _dist()
-    if d:
-        d.barrier()
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -105,34 +91,34 @@ def save_checkpoint(trainer) -> str:
     with distributed_atomic_directory(final) as tmp:
         model_sd = _model_sharded_state_dict(trainer.models)
         dist_checkpointing.save(model_sd, str(tmp), sharded_strategy=('torch_dist', 1))
-        if _rank() == 0:
+        if rank() == 0:
             for sub in ('optim', 'rng'):
                 (tmp / sub).mkdir(exist_ok=True)
-        _barrier()
+        barrier()
         if not args.no_save_optim:
             _init_optimizer_states(trainer.optimizer)  # no-op after a successful step; else (fp16 skips) zeros
             # a fresh model state dict: saving applied its factories in place (the optimizer maps params by identity)
             optim_sd = trainer.optimizer.sharded_state_dict(_model_sharded_state_dict(trainer.models),
                                                             metadata=OPTIM_METADATA)
             dist_checkpointing.save(optim_sd, str(tmp / 'optim'), sharded_strategy=('torch_dist', 1))
-        torch.save(rng_state(), tmp / 'rng' / f'rank_{_rank():05d}.pt')
-        if _rank() == 0:
+        torch.save(rng_state(), tmp / 'rng' / f'rank_{rank():05d}.pt')
+        if rank() == 0:
             state = trainer.state_dict()
             _write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=str) + '\n')
             _write_text(tmp / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')
-    if _rank() == 0:
+    if rank() == 0:
         _write_text(root / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')
         if trainer.model_dir:
             copy_hf_side_files(trainer.model_dir, root)
         if not (root / 'config.json').exists():
             trainer.hf_config.save_pretrained(root)
         _write_text(root / TRACKER_FILE, str(step))  # only now does this step count as the latest
-    _barrier()
+    barrier()
     if args.save_safetensors:
         save_hf_weights(trainer, root / f'checkpoint-{step}')
-    if _rank() == 0 and args.save_total_limit:
+    if rank() == 0 and args.save_total_limit:
         rotate_checkpoints(root, args.save_total_limit)
-    _barrier()
+    barrier()
     logger.info('saved checkpoint of step %d to %s', step, final)
     return str(final)
 
@@ -149,7 +135,7 @@ def save_hf_weights(trainer, out_dir: Path) -> None:
             export_peft_adapter(trainer.models, tmp, trainer.hf_config)
         return
     with distributed_atomic_directory(out_dir) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, 5 * 10**9, trainer.dtype) if _rank() == 0 else None
+        writer = ShardedSafetensorsWriter(tmp, 5 * 10**9, trainer.dtype) if rank() == 0 else None
         for name, tensor in iter_hf_weights(trainer.models):
             if writer is not None and not (tied and name == 'lm_head.weight'):
                 writer.add(name, tensor)
@@ -182,7 +168,7 @@ def rotate_checkpoints(root: Path, limit: int) -> None:
 
 def remove_partial_saves(root: Path) -> None:
     """Hidden temporary directories that an interrupted save left behind (rank 0, before training)."""
-    if _rank() != 0 or not root.is_dir():
+    if rank() != 0 or not root.is_dir():
         return
     for p in root.iterdir():
         if p.name.startswith('.') and p.name.endswith('.partial') and p.is_dir():
@@ -310,7 +296,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
     else:
         logger.warning('%s has no optimizer state: the optimizer starts fresh', path)
     trainer.load_state_dict(state)
-    rng_file = path / 'rng' / f'rank_{_rank():05d}.pt'
+    rng_file = path / 'rng' / f'rank_{rank():05d}.pt'
     if state.get('layout') == current_layout() and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     else:
@@ -321,7 +307,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
 
 def truncate_log_file(path: Path, step: int) -> None:
     """Keep only the log lines of steps up to ``step`` (a resumed run re-logs the steps after it)."""
-    if _rank() != 0 or not path.is_file():
+    if rank() != 0 or not path.is_file():
         return
     kept = []
     for line in path.read_text(encoding='utf-8').splitlines():
