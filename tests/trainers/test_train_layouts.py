@@ -10,6 +10,7 @@ random llama (4 layers, GQA 2 KV heads, tied embeddings) and qwen2 (QKV bias) mo
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,12 @@ def results(tmp_path_factory, smollm2_dir):
              'dataset': write_chat_data(root / 'chat.jsonl'), 'text_dataset': write_text_data(root / 'text.jsonl')}
     (root / 'setup.json').write_text(json.dumps(setup))
     # one encode cache per launch: the two never race on a cache directory
-    return run_case_script(HERE / 'train_cases.py', root, root / 'setup.json', timeout=420,
-                           env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
+    merged = run_case_script(HERE / 'train_cases.py', root, root / 'setup.json', timeout=420,
+                             env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
+    dump = os.environ.get('MEGASWIFT_TRAJECTORY_DUMP')  # to compare two code versions exactly
+    if dump:
+        Path(dump).write_text(json.dumps(merged, indent=1, sort_keys=True))
+    return merged
 
 
 def trajectory(results, case) -> dict:
