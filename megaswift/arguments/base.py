@@ -10,12 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..utils.errors import UserError
+from ..utils.errors import ArgumentError
 from ..utils.plugins import import_external_plugins
-
-
-class ArgumentError(UserError, ValueError):
-    """A bad argument value; the message names the flag."""
 
 
 class ArgumentsBase:

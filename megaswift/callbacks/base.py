@@ -16,7 +16,6 @@ from an ``--external_plugins`` file and select it with ``--callbacks name``.
 """
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import logging
 import math
@@ -25,6 +24,7 @@ import sys
 from typing import Any, Iterable
 
 from ..utils.errors import UserError
+from ..utils.registry import Registry, UnknownPluginError
 
 logger = logging.getLogger(__name__)
 
@@ -65,20 +65,15 @@ class Callback:
         pass
 
 
-callbacks: dict[str, type[Callback]] = {}
+callbacks = Registry('callback')
 
 
-def register_callback(name: str):
-    """Class decorator: ``callbacks[name] = cls``."""
-
-    def wrap(cls: type[Callback]) -> type[Callback]:
-        callbacks[name] = cls
-        return cls
-    return wrap
+#: Class decorator: ``@register_callback('name')`` stores the class as ``callbacks['name']``.
+register_callback = callbacks.register
 
 
-class UnknownCallbackError(UserError, ValueError):
-    pass
+#: ``--callbacks`` / ``--report_to`` names that are not registered (the registry's error).
+UnknownCallbackError = UnknownPluginError
 
 
 class MissingReporterError(UserError, ImportError):
@@ -126,16 +121,8 @@ def _report_to_names(args: Any) -> list[str]:
         return [n for n in REPORTERS if package_available(installed[n])]
     for name in names:
         if name not in REPORTERS:
-            raise _unknown('--report_to', name, list(REPORTERS) + ['all', 'none'])
+            raise UnknownPluginError('reporter', name, list(REPORTERS) + ['all', 'none'], '--report_to', hint='')
     return names
-
-
-def _unknown(flag: str, name: str, choices: Iterable[str]) -> UnknownCallbackError:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(name, choices, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ''
-    return UnknownCallbackError(f"{flag}: unknown callback '{name}' (registered: {', '.join(choices)}).{hint} "
-                                'Custom callbacks can be registered with --external_plugins.')
 
 
 def build_callbacks(names: list[str] | str | None, args: Any) -> list[Callback]:
@@ -158,10 +145,8 @@ def build_callbacks(names: list[str] | str | None, args: Any) -> list[Callback]:
             out.append(item)
         elif isinstance(item, type) and issubclass(item, Callback):
             out.append(item(args))
-        elif item in callbacks:
-            out.append(callbacks[item](args))
         else:
-            raise _unknown('--callbacks', str(item), callbacks)
+            out.append(callbacks.lookup(str(item), '--callbacks')(args))
     return out
 
 

@@ -1,7 +1,6 @@
 """``megaswift <command> [config.yaml] [--flags]``. Nothing imports this module."""
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from ..utils.errors import UserError
+from ..utils.registry import did_you_mean
 from .launch import torchrun_argv
 from .parser import CLIError, parse_args, usage
 
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        hint = difflib.get_close_matches(name, COMMANDS, n=1)
-        print(f"megaswift: unknown command '{name}'" + (f"; did you mean '{hint[0]}'?" if hint else '') + f'\n\n{_help()}',
-              file=sys.stderr)
+        print(f"megaswift: unknown command '{name}'{did_you_mean(name, COMMANDS)}\n\n{_help()}", file=sys.stderr)
         return 2
     cmd = COMMANDS[name]
     if cmd.torchrun and (relaunch := torchrun_argv(name, rest)):

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import types
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from ..utils.errors import UserError
+from ..utils.registry import did_you_mean
 
 
 class CLIError(UserError, ValueError):
@@ -52,9 +52,8 @@ def coerce(tp, value: Any, name: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             raise CLIError(f"--{name}: invalid choice {value!r} (choose from {', '.join(map(str, choices))})"
-                           + (f"; did you mean '{hint[0]}'?" if hint else ''))
+                           f'{did_you_mean(value, choices)}')
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -89,11 +88,6 @@ def _is_list(tp) -> bool:
     return get_origin(_unwrap_optional(tp)[0]) is list
 
 
-def _suggest(name: str, names) -> str:
-    hint = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
-    return f"; did you mean '{hint[0]}'?" if hint else ''
-
-
 def parse_flags(cls, argv: list[str]) -> dict[str, Any]:
     """Parse ``--name value...`` pairs into raw values (strings or lists of strings)."""
     fields = _fields(cls)
@@ -106,7 +100,7 @@ def parse_flags(cls, argv: list[str]) -> dict[str, Any]:
         key, _, inline = tok[2:].partition('=')
         name = key.replace('-', '_')
         if name not in fields:
-            raise CLIError(f"unknown argument '--{key}'{_suggest(name, fields)}")
+            raise CLIError(f"unknown argument '--{key}'{did_you_mean(name, fields)}")
         values = [inline] if inline else []
         i += 1
         while not inline and i < len(argv) and not (argv[i].startswith('--') and len(argv[i]) > 2
@@ -159,7 +153,7 @@ def load_config(path: str, cls) -> dict[str, Any]:
     for key, value in data.items():
         name = str(key).replace('-', '_')
         if name not in fields:
-            raise CLIError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'{_suggest(name, fields)}")
+            raise CLIError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'{did_you_mean(name, fields)}")
         out[name] = value
     return out
 

@@ -6,8 +6,7 @@ only when built, so the registry itself needs none of them.
 """
 from __future__ import annotations
 
-import difflib
-
+from ..utils.registry import Registry
 from .base import InferEngine
 from .client_engine import ClientEngine
 from .lmdeploy_engine import LmdeployEngine
@@ -17,22 +16,20 @@ from .sglang_engine import SglangEngine
 from .transformers_engine import TransformersEngine
 from .vllm_engine import VllmEngine
 
-infer_engines: dict[str, type[InferEngine]] = {
+infer_engines = Registry('engine', {
     'transformers': TransformersEngine,
     'vllm': VllmEngine,
     'sglang': SglangEngine,
     'lmdeploy': LmdeployEngine,
     'client': ClientEngine,
-}
+})
 ENGINE_ALIASES = {'pt': 'transformers'}  # ms-swift 3.x name
 
 
 def canonical_engine_name(name: str) -> str:
+    """The registered name for ``name`` (aliases resolved); an unknown one raises UnknownPluginError (a ValueError)."""
     name = ENGINE_ALIASES.get(name, name)
-    if name not in infer_engines:
-        hint = difflib.get_close_matches(name, list(infer_engines), n=1)
-        raise ValueError(f"unknown engine '{name}' (available: {', '.join(infer_engines)})"
-                         + (f"; did you mean '{hint[0]}'?" if hint else ''))
+    infer_engines.lookup(name)
     return name
 
 

@@ -16,13 +16,12 @@ registered with :func:`megaswift.metrics.register_hf_metric`.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
 import torch
 
-from ..utils.errors import UserError
+from ..utils.registry import Registry, UnknownPluginError
 
 _TENSOR_REDUCTIONS = ('sum', 'mean', 'max', 'min')
 
@@ -141,20 +140,13 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
-metrics: dict[str, type[Metric]] = {}
+metrics = Registry('metric')
 
+#: Class decorator: ``@register_metric('name')`` stores the class as ``metrics['name']``.
+register_metric = metrics.register
 
-def register_metric(name: str):
-    """Class decorator: ``metrics[name] = cls``."""
-
-    def wrap(cls: type[Metric]) -> type[Metric]:
-        metrics[name] = cls
-        return cls
-    return wrap
-
-
-class UnknownMetricError(UserError, ValueError):
-    pass
+#: ``--eval_metric`` names that are not registered (the registry's error).
+UnknownMetricError = UnknownPluginError
 
 
 def build_metrics(names: list[str] | str | None, **kwargs: Any) -> dict[str, Metric]:
@@ -170,13 +162,8 @@ def build_metrics(names: list[str] | str | None, **kwargs: Any) -> dict[str, Met
     for name in flat:
         if name in out:
             continue
-        if name not in metrics:
-            choices = sorted(metrics)
-            close = difflib.get_close_matches(name, choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ''
-            raise UnknownMetricError(f"--eval_metric: unknown metric '{name}' (registered: {', '.join(choices)}).{hint}"
-                                     ' Custom metrics can be registered with --external_plugins.')
-        out[name] = metrics[name](**_accepted(metrics[name], kwargs))
+        cls = metrics.lookup(name, '--eval_metric')
+        out[name] = cls(**_accepted(cls, kwargs))
     return out
 
 

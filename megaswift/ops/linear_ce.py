@@ -1,8 +1,7 @@
 """Linear cross entropy without the ``N x V`` logits: the LM head and its loss, chunked over tokens and vocabulary.
 
-``linear_cross_entropy(hidden [.., H], weight [V/tp, H], labels [..])`` equals
-``cross_entropy(hidden @ weight.T, labels)`` (optionally label-smoothed, weighted per token by ``loss_scale``)
-but only ever holds one ``chunk x vocab_chunk`` block of logits:
+``linear_cross_entropy(hidden [.., H], weight [V/tp, H], labels [..])`` equals ``cross_entropy(hidden @ weight.T,
+labels)`` (optionally label-smoothed, weighted per token by ``loss_scale``) holding one ``chunk x vocab_chunk`` block:
 
 - forward, per token chunk: logits block -> ``row_stats`` (max, sum-exp, target logit, ...) merged online across
   vocabulary blocks and, under tensor parallelism, across the TP ranks with **one** ``all_gather`` of the
@@ -14,10 +13,8 @@ but only ever holds one ``chunk x vocab_chunk`` block of logits:
 - otherwise (per-token losses, log-probs or entropies that feed a further loss: DPO, GRPO) backward recomputes
   the logits block by block from the saved per-token log-sum-exp (four GEMMs, still no ``N x V`` tensor).
 
-Under TP the hidden states are replicated, each rank holds a vocabulary shard, and the returned gradient of
-``hidden`` is the full one (all-reduced over ``tp_group`` in backward), like a ``ColumnParallelLinear``
-whose input went through ``copy_to_tensor_model_parallel_region``.
-
+Under TP the hidden states are replicated and each rank holds a vocabulary shard; the gradient of ``hidden`` is the
+full one, all-reduced over ``tp_group`` (a ``ColumnParallelLinear`` after ``copy_to_tensor_model_parallel_region``).
 The row passes come from ``linear_ce_rows`` (PyTorch: the reference and the CPU path) or the CUDA extension
 (``csrc/linear_ce.cu``); ``impl`` picks one ('chunked' or 'cuda'; None: the best available).
 """
@@ -28,11 +25,11 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..utils.constants import IGNORE_INDEX
 from . import linear_ce_rows
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 REDUCTIONS = ('mean', 'sum', 'none')
 IMPLS = ('chunked', 'cuda')
 # the float32 size of one logits block: large enough for efficient GEMMs, small next to the N x V logits

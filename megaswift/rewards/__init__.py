@@ -6,13 +6,12 @@ model checkpoint (local directory or ``org/name`` hub id) loaded as :class:`Rewa
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from typing import Any
 
 from .base import ORM, PRM, ReducedReward, orms, prms, reduce_reward
-from ..utils.errors import UserError
+from ..utils.registry import UnknownPluginError
 from .orm import CosineReward, Format, MathAccuracy, MathORM, ReActFormat, RepetitionPenalty, SoftOverlong
 from .prm import ClientPRM, RewardModelPRM, reward_model_from_path
 
@@ -24,16 +23,8 @@ def looks_like_model(name: str) -> bool:
     return os.path.isdir(os.path.expanduser(name)) or bool(_HUB_ID_RE.fullmatch(name))
 
 
-class UnknownRewardError(UserError, ValueError):
-    pass
-
-
-def _unknown(kind: str, name: str, registry: dict) -> ValueError:
-    names = sorted(registry)
-    close = difflib.get_close_matches(name, names, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ''
-    return UnknownRewardError(f"unknown {kind} '{name}': not a registered name ({', '.join(names) or 'none'}) nor a model "
-                      f'directory or org/name hub id.{hint} Custom rewards can be registered with --external_plugins.')
+#: An ``--orm_model`` / ``--prm_model`` that is neither registered nor a model (the registry's error).
+UnknownRewardError = UnknownPluginError
 
 
 def get_orm(name_or_path: str, **kwargs: Any) -> ORM:
@@ -42,20 +33,16 @@ def get_orm(name_or_path: str, **kwargs: Any) -> ORM:
     A checkpoint is wrapped in :class:`ReducedReward` so it returns one float per completion
     (a process model's per-step list reduced to its minimum); the model is at ``.prm``.
     """
-    if name_or_path in orms:
-        return orms[name_or_path](**kwargs)
-    if looks_like_model(name_or_path):
+    if name_or_path not in orms and looks_like_model(name_or_path):
         return ReducedReward(reward_model_from_path(name_or_path, **kwargs))
-    raise _unknown('ORM', name_or_path, orms)
+    return orms.lookup(name_or_path, '--orm_model')(**kwargs)
 
 
 def get_prm(name_or_path: str, **kwargs: Any) -> PRM:
     """A PRM instance: ``prms[name](**kwargs)``, or ``RewardModelPRM(model=name_or_path, **kwargs)``."""
-    if name_or_path in prms:
-        return prms[name_or_path](**kwargs)
-    if looks_like_model(name_or_path):
+    if name_or_path not in prms and looks_like_model(name_or_path):
         return reward_model_from_path(name_or_path, **kwargs)
-    raise _unknown('PRM', name_or_path, prms)
+    return prms.lookup(name_or_path, '--prm_model')(**kwargs)
 
 
 __all__ = ['ORM', 'PRM', 'orms', 'prms', 'get_orm', 'get_prm', 'reduce_reward', 'ReducedReward', 'looks_like_model',

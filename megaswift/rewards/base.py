@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..utils.registry import Registry
+
 
 class ORM:
     """Outcome reward: one score per completion."""
@@ -27,8 +29,10 @@ class PRM:
         raise NotImplementedError
 
 
-orms: dict[str, type[ORM]] = {}
-prms: dict[str, type[PRM]] = {}
+_HINT = ('It may also be a reward model directory or an org/name hub id; '
+         'more can be registered with --external_plugins.')
+orms = Registry('ORM', hint=_HINT)
+prms = Registry('PRM', hint=_HINT)
 
 
 def reduce_reward(value: float | list[float]) -> float:

@@ -140,7 +140,7 @@ class CosineReward(ORM):
         if accuracy_orm is None:
             accuracy_orm = MathAccuracy()
         elif isinstance(accuracy_orm, str):
-            accuracy_orm = orms[accuracy_orm]()
+            accuracy_orm = orms.lookup(accuracy_orm)()
         self.accuracy_orm = accuracy_orm
 
     @staticmethod

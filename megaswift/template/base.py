@@ -8,26 +8,17 @@ training/inference/RLHF modes and truncation.
 from __future__ import annotations
 
 import bisect
+import json
 from typing import Any
 
-from ..utils.errors import UserError
+from ..utils.constants import IGNORE_INDEX
+from .agent import get_agent_template
+from .errors import MaxLengthExceeded, TemplateError
+from .loss_scale import get_loss_scale
 from .segments import Segment, join_text
 
-IGNORE_INDEX = -100
 MODES = ('train', 'infer', 'rlhf')
 TRUNCATION_STRATEGIES = ('delete', 'left', 'right', 'error')
-
-
-class TemplateError(UserError, ValueError):
-    """A row the template cannot encode; ``field`` names the offending part (e.g. ``messages[3].role``)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        self.field = field
-        super().__init__(f"field '{field}': {message}" if field else message)
-
-
-class MaxLengthExceeded(TemplateError):
-    """With truncation_strategy 'delete' the sample is skipped (and counted) by the caller."""
 
 
 class Template:
@@ -37,8 +28,6 @@ class Template:
 
     def __init__(self, tokenizer, agent_template: str | None = None, loss_scale: str = 'default',
                  system: str | None = None, max_length: int | None = None, truncation_strategy: str = 'delete'):
-        from .agent import get_agent_template
-        from .loss_scale import get_loss_scale
         if truncation_strategy not in TRUNCATION_STRATEGIES:
             raise ValueError(f"truncation_strategy must be one of {TRUNCATION_STRATEGIES}, got '{truncation_strategy}'")
         self.tokenizer = tokenizer
@@ -110,7 +99,6 @@ class Template:
             raise TemplateError('must be a non-empty list of messages', 'messages')
         tools = row.get('tools') or None
         if isinstance(tools, str):
-            import json
             try:
                 tools = json.loads(tools)
             except json.JSONDecodeError as e:

@@ -1,10 +1,11 @@
 """``templates`` (name -> Template class), ``get_template`` and ``infer_template_name``."""
 from __future__ import annotations
 
-import difflib
 import logging
 
+from ..utils.registry import Registry
 from .base import Template
+from .segments import join_text
 from .templates.chatml import ChatMLTemplate, SmolLM2Template
 from .templates.generic import GenericTemplate
 from .templates.llama3 import Llama3_1Template, Llama3Template
@@ -12,7 +13,7 @@ from .templates.qwen import Qwen2_5Template, Qwen3Template
 
 logger = logging.getLogger(__name__)
 
-templates: dict[str, type[Template]] = {
+templates = Registry('template', {
     'chatml': ChatMLTemplate,
     'smollm2': SmolLM2Template,
     'qwen2_5': Qwen2_5Template,
@@ -20,7 +21,7 @@ templates: dict[str, type[Template]] = {
     'llama3': Llama3Template,
     'llama3_1': Llama3_1Template,
     'generic': GenericTemplate,
-}
+})
 
 
 def get_template(tokenizer, template: str | None = None, agent_template: str | None = None,
@@ -31,13 +32,9 @@ def get_template(tokenizer, template: str | None = None, agent_template: str | N
     ``kwargs`` are the template's own options: ``enable_thinking`` (qwen3), ``date_string``
     (llama3_1), ``chat_template_kwargs`` (generic).
     """
-    name = template or infer_template_name(tokenizer)
-    if name not in templates:
-        hint = difflib.get_close_matches(name, list(templates), n=1)
-        raise ValueError(f"unknown template '{name}' (available: {', '.join(sorted(templates))})"
-                         + (f"; did you mean '{hint[0]}'?" if hint else ''))
-    return templates[name](tokenizer, agent_template=agent_template, loss_scale=loss_scale, system=system,
-                           max_length=max_length, truncation_strategy=truncation_strategy, **kwargs)
+    cls: type[Template] = templates.lookup(template or infer_template_name(tokenizer), '--template')
+    return cls(tokenizer, agent_template=agent_template, loss_scale=loss_scale, system=system, max_length=max_length,
+               truncation_strategy=truncation_strategy, **kwargs)
 
 
 _PROBES = (
@@ -75,7 +72,6 @@ def infer_template_name(tokenizer) -> str:
     name = _candidate(chat_template)
     if name is None:
         return 'generic'
-    from .segments import join_text
     try:
         template = templates[name](tokenizer)
         for probe in _PROBES:

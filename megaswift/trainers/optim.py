@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from ..utils.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def sgd(args, dtype: torch.dtype):
     return OptimizerConfig(optimizer='sgd', sgd_momentum=float(args.sgd_momentum), **_common(args, dtype))
 
 
-optimizers: dict[str, Callable] = {'adamw': adamw, 'adam': adamw, 'sgd': sgd}
+optimizers = Registry('optimizer', {'adamw': adamw, 'adam': adamw, 'sgd': sgd})
 
 
 def no_decay_overrides(args, config) -> dict:
@@ -74,7 +76,7 @@ def param_group_overrides(args, config) -> dict:
 def build_optimizer(args, ddp_models: list, dtype: torch.dtype):
     """megatron-core's optimizer (distributed with --use_distributed_optimizer) over the DDP-wrapped chunks."""
     from megatron.core.optimizer import get_megatron_optimizer
-    config = optimizers[args.optimizer](args, dtype)
+    config = optimizers.lookup(args.optimizer, '--optimizer')(args, dtype)
     return get_megatron_optimizer(config, ddp_models, config_overrides=param_group_overrides(args, config))
 
 

@@ -29,6 +29,7 @@ import torch
 
 from megaswift.megatron.build import unwrap_model
 from megaswift.utils.errors import UserError
+from megaswift.utils.registry import Registry, UnknownPluginError
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +160,17 @@ def _make_inputs_require_grad(models) -> None:
             embedding._megaswift_grad_hook = embedding.register_forward_hook(hook)
 
 
-tuners = {'full': prepare_full, 'lora': prepare_lora, 'freeze': prepare_freeze}
+tuners = Registry('tuner', {'full': prepare_full, 'lora': prepare_lora, 'freeze': prepare_freeze})
 
 
 def prepare_model(models, args):
     """Apply ``args.tuner_type`` to ``models`` (one per virtual pipeline stage) in place; returns them."""
     tuner_type = getattr(args, 'tuner_type', None) or 'full'
-    if tuner_type not in tuners:
-        raise TunerError(f"--tuner_type: unknown tuner {tuner_type!r}; choose from {', '.join(tuners)}")
-    models = tuners[tuner_type](models, args)
+    try:
+        prepare = tuners.lookup(tuner_type, '--tuner_type')
+    except UnknownPluginError as e:
+        raise TunerError(str(e)) from None
+    models = prepare(models, args)
     n_train, n_total = trainable_parameters(models)
     logger.info('tuner %s: %s of %s parameters train on this rank (%.4f%%)', tuner_type, f'{n_train:,}',
                 f'{n_total:,}', 100.0 * n_train / max(n_total, 1))

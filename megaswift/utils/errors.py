@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Mixed into error types whose message alone tells the user what to fix."""
+
+
+class ArgumentError(UserError, ValueError):
+    """A bad argument value; the message names the flag."""

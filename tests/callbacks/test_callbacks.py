@@ -83,11 +83,11 @@ def test_registry_defaults_and_order(tmp_path, monkeypatch):
 
 def test_unknown_names_suggest(tmp_path):
     trainer = make_trainer(tmp_path)
-    with pytest.raises(UnknownCallbackError, match=r"unknown callback 'jsnl'.*Did you mean 'jsonl'\?") as info:
+    with pytest.raises(UnknownCallbackError, match=r"unknown callback 'jsnl'.*did you mean 'jsonl'\?") as info:
         build_callbacks(['jsnl'], trainer.args)
     assert isinstance(info.value, ValueError)
     trainer.args.report_to = ['tensorbord']
-    with pytest.raises(ValueError, match=r"--report_to.*Did you mean 'tensorboard'\?"):
+    with pytest.raises(ValueError, match=r"--report_to.*did you mean 'tensorboard'\?"):
         build_callbacks([], trainer.args)
 
 

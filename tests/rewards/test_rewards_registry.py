@@ -37,13 +37,13 @@ def test_registry_lookup_with_kwargs():
 
 
 def test_unknown_names_list_registered_and_suggest():
-    with pytest.raises(ValueError, match=r"unknown ORM 'acuracy'.*format.*Did you mean 'accuracy'\?"):
+    with pytest.raises(ValueError, match=r"unknown ORM 'acuracy'.*format.*did you mean 'accuracy'\?"):
         get_orm('acuracy')
-    with pytest.raises(ValueError, match=r"unknown PRM 'clinet'.*Did you mean 'client'\?"):
+    with pytest.raises(ValueError, match=r"unknown PRM 'clinet'.*did you mean 'client'\?"):
         get_prm('clinet')
     with pytest.raises(ValueError) as info:
         get_orm('zzzzzz')
-    assert 'Did you mean' not in str(info.value) and '--external_plugins' in str(info.value)
+    assert 'did you mean' not in str(info.value) and '--external_plugins' in str(info.value)
 
 
 def test_looks_like_model(tmp_path):

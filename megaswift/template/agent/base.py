@@ -26,6 +26,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ...utils.registry import Registry
+from ..errors import TemplateError
+
 TOOL_RESPONSE_ROLES = ('tool_response', 'tool')
 KNOWN_ROLES = ('system', 'user', 'assistant', 'tool_call') + TOOL_RESPONSE_ROLES
 
@@ -34,11 +37,6 @@ KNOWN_ROLES = ('system', 'user', 'assistant', 'tool_call') + TOOL_RESPONSE_ROLES
 class Function:
     name: str
     arguments: dict[str, Any] | str
-
-
-def _error(message: str, field: str):
-    from ..base import TemplateError  # lazy: ..base imports this package
-    return TemplateError(message, field)
 
 
 def parse_arguments(arguments: Any) -> dict[str, Any] | str:
@@ -113,20 +111,20 @@ class AgentTemplate:
             try:
                 tools = json.loads(tools)
             except json.JSONDecodeError as e:
-                raise _error(f'is not valid JSON ({e.msg})', 'tools') from None
+                raise TemplateError(f'is not valid JSON ({e.msg})', 'tools') from None
         if isinstance(tools, dict):
             tools = [tools]
         if not isinstance(tools, list):
-            raise _error(f'must be a list of tool definitions, got {type(tools).__name__}', 'tools')
+            raise TemplateError(f'must be a list of tool definitions, got {type(tools).__name__}', 'tools')
         out = []
         for i, tool in enumerate(tools):
             if isinstance(tool, str):
                 try:
                     tool = json.loads(tool)
                 except json.JSONDecodeError as e:
-                    raise _error(f'is not valid JSON ({e.msg})', f'tools[{i}]') from None
+                    raise TemplateError(f'is not valid JSON ({e.msg})', f'tools[{i}]') from None
             if not isinstance(tool, dict) or not isinstance(unwrap_tool(tool).get('name'), str):
-                raise _error("must be a tool definition with a 'name'", f'tools[{i}]')
+                raise TemplateError("must be a tool definition with a 'name'", f'tools[{i}]')
             out.append(tool)
         return out
 
@@ -138,11 +136,11 @@ class AgentTemplate:
             try:
                 obj = json.loads(content)
             except json.JSONDecodeError as e:
-                raise _error(f'tool call is not valid JSON ({e.msg}): {content[:80]!r}', field) from None
+                raise TemplateError(f'tool call is not valid JSON ({e.msg}): {content[:80]!r}', field) from None
         if isinstance(obj, dict) and isinstance(obj.get('function'), dict):  # OpenAI {"type", "function": {...}}
             obj = obj['function']
         if not isinstance(obj, dict) or not isinstance(obj.get('name'), str) or not obj['name']:
-            raise _error("tool call must be a JSON object with a 'name'", field)
+            raise TemplateError("tool call must be a JSON object with a 'name'", field)
         arguments = obj.get('arguments', obj.get('parameters'))
         return Function(obj['name'], parse_arguments(arguments))
 
@@ -152,7 +150,7 @@ class AgentTemplate:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get('role') not in KNOWN_ROLES:
                 role = m.get('role') if isinstance(m, dict) else m
-                raise _error(f"unknown role {role!r} (expected one of {', '.join(KNOWN_ROLES)})", f'messages[{i}].role')
+                raise TemplateError(f"unknown role {role!r} (expected one of {', '.join(KNOWN_ROLES)})", f'messages[{i}].role')
         has_agent_roles = any(m['role'] in ('tool_call',) + TOOL_RESPONSE_ROLES or m.get('tool_calls')
                               for m in messages)
         if not tools and not has_agent_roles:
@@ -206,7 +204,7 @@ class AgentTemplate:
                 calls.append(self.parse_tool_call(m.get('content'), f'messages[{i}].content'))
             else:  # a group of consecutive tool responses
                 if not calls:
-                    raise _error('tool response has no preceding tool call', f'messages[{i}].role')
+                    raise TemplateError('tool response has no preceding tool call', f'messages[{i}].role')
                 self._flush(turn, calls)
                 responses = []
                 while i < len(messages) and messages[i]['role'] in TOOL_RESPONSE_ROLES:
@@ -224,7 +222,7 @@ class AgentTemplate:
             i += 1
         self._flush(turn, calls)
         if self.tools_in_user_message and not first_user_done:
-            raise _error('tools are listed in the first user message, but there is none', 'messages')
+            raise TemplateError('tools are listed in the first user message, but there is none', 'messages')
         return out
 
     def _flush(self, turn: dict | None, calls: list[Function]) -> None:
@@ -280,4 +278,4 @@ class ReactCompat:
             pos = end
 
 
-agent_templates: dict[str, type[AgentTemplate]] = {}
+agent_templates = Registry('agent template')

@@ -16,9 +16,8 @@ Built-in weights (ms-swift's configs, ``config/*.json``):
 """
 from __future__ import annotations
 
-import difflib
-
 from ...utils.errors import UserError
+from ...utils.registry import did_you_mean
 from .base import BASE_STRATEGIES, ConcatLossScale, LossScale, loss_scales
 from .config import (ConfigLossScale, HermesLossScale, IgnoreEmptyThinkLossScale, QwenLossScale, ReactLossScale)
 
@@ -55,9 +54,8 @@ def get_loss_scale(spec: str | LossScale) -> LossScale:
                                      f"(e.g. '{name}+react')")
         if name not in loss_scales:
             choices = sorted(set(loss_scales) | set(BASE_STRATEGIES))
-            hint = difflib.get_close_matches(name, choices, n=1)
             raise LossScaleSpecError(f"unknown loss_scale '{name}' in '{spec}' (available: {', '.join(choices)})"
-                                     + (f"; did you mean '{hint[0]}'?" if hint else ''))
+                                     f'{did_you_mean(name, choices)}')
     scales = [_build(name, strategy) for name in names or ['base']]
     if len(scales) == 1:
         return scales[0]

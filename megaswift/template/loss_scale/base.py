@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+from ...utils.registry import Registry
+from ..errors import TemplateError
 from ..segments import Segment
 
 BASE_STRATEGIES = ('default', 'last_round', 'all')
@@ -122,9 +124,8 @@ def message_loss(segment: Segment) -> float:
         return 1.0 if value else 0.0
     if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
         return float(value)
-    from ..base import TemplateError
     raise TemplateError(f'must be true, false or a number >= 0, got {value!r}',
                         f'messages[{segment.message_index}].loss')
 
 
-loss_scales: dict[str, type[LossScale]] = {}
+loss_scales = Registry('loss scale')

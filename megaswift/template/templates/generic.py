@@ -22,7 +22,8 @@ descriptions and calls into the messages. Extra template variables (``enable_thi
 """
 from __future__ import annotations
 
-from ..base import Template, TemplateError
+from ..base import Template
+from ..errors import TemplateError
 from ..segments import Segment, glue
 
 _HINT = 'pick an explicit --template for this model (see megaswift.template.templates)'

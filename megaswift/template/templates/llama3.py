@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 
+from ..agent import agent_templates
 from ..base import Template
 from ..segments import Segment, glue
 from .generic import assistant_segments
@@ -34,7 +35,6 @@ class Llama3Template(Template):
 
     def __init__(self, tokenizer, agent_template: str | None = None, *args, **kwargs):
         if agent_template is None:
-            from ..agent import agent_templates
             agent_template = 'llama3' if 'llama3' in agent_templates else None
         super().__init__(tokenizer, agent_template, *args, **kwargs)
 

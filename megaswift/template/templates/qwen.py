@@ -18,7 +18,7 @@ Messages with other roles raise ``TemplateError`` (the official templates silent
 """
 from __future__ import annotations
 
-from ..base import TemplateError
+from ..errors import TemplateError
 from ..segments import Segment, glue
 from .chatml import ChatMLTemplate
 from .generic import assistant_segments
