@@ -2,7 +2,9 @@
 
 Encoded samples are stored column-wise (one flat array of values plus per-sample lengths per key), which
 is what the cache writes as ``.npy`` files and what packing needs: ``EncodedDataset.lengths`` comes
-without touching the tokens. Rows the template rejects become ``DatasetError``s that point at
+without touching the tokens. Every key of the template's output is kept: lists of numbers (per-token
+columns such as ``input_ids``, or other sequences such as ``rejected_input_ids``) and single numbers per
+sample (a KTO ``label``, a margin), which ``EncodedDataset.scalars`` names and ``arrays(i)`` returns 0-d. Rows the template rejects become ``DatasetError``s that point at
 ``file:line``; rows longer than ``max_length`` under truncation_strategy 'delete' are skipped and counted.
 """
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ..template.base import MaxLengthExceeded, TemplateError
-from ..utils.errors import UserError
+from ..template.errors import MaxLengthExceeded, TemplateError
+from ..utils.errors import TrainDataError, UserError
 from ..utils.paths import atomic_directory, atomic_write_json, cache_root
 from .errors import DatasetError
 from .loader import Dataset
@@ -37,29 +39,44 @@ class AllRowsSkipped(UserError, ValueError):
 
 
 # ------------------------------------------------------------------------------------ column storage
-def _columns(samples: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``key -> (values, lens)``; ``lens[i]`` is -1 where sample i has no such key."""
+_NUMBER = (bool, int, float, np.number, np.bool_)
+
+
+def _columns(samples: list[dict]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], frozenset[str]]:
+    """``key -> (values, lens)`` and the keys holding one number per sample (stored as one value, ``lens[i]``
+    1; their booleans stay booleans). ``lens[i]`` is -1 where sample i has no such key."""
     keys = sorted({k for s in samples for k in s})
-    out = {}
+    out, scalars = {}, set()
     for key in keys:
-        lens, flat = np.full(len(samples), -1, dtype=np.int64), []
+        lens, flat, kinds = np.full(len(samples), -1, dtype=np.int64), [], set()
         for i, s in enumerate(samples):
             v = s.get(key)
             if v is None:
                 continue
-            if not isinstance(v, (list, tuple, np.ndarray)):
-                raise TypeError(f"template output '{key}' must be a list of numbers, got {type(v).__name__}")
-            lens[i] = len(v)
-            flat.extend(v)
+            if isinstance(v, _NUMBER) or (isinstance(v, np.ndarray) and v.ndim == 0):
+                kinds.add('number')
+                lens[i] = 1
+                flat.append(v)
+            elif isinstance(v, (list, tuple, np.ndarray)):
+                kinds.add('list')
+                lens[i] = len(v)
+                flat.extend(v)
+            else:
+                raise TypeError(f"template output '{key}' must be a list of numbers or a number, "
+                                f"got {type(v).__name__}")
+        if len(kinds) > 1:
+            raise TypeError(f"template output '{key}' is a number in some samples and a list in others")
         values = np.asarray(flat)
-        if values.dtype.kind == 'b':
+        if kinds == {'number'}:
+            scalars.add(key)
+        elif values.dtype.kind == 'b':
             values = values.astype(np.int64)
-        elif values.dtype.kind not in 'iuf':
+        if values.dtype.kind not in 'iufb':
             raise TypeError(f"template output '{key}' must be a list of numbers, got {values.dtype}")
         if values.dtype.kind in 'iu' and (values.size == 0 or (values.min() >= -2**31 and values.max() < 2**31)):
             values = values.astype(np.int32)
         out[key] = (values, lens)
-    return out
+    return out, frozenset(scalars)
 
 
 def _merge_columns(parts: list[tuple[int, dict]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -73,12 +90,25 @@ def _merge_columns(parts: list[tuple[int, dict]]) -> dict[str, tuple[np.ndarray,
     return out
 
 
+def _merge_scalars(parts: list[tuple[dict, frozenset[str]]]) -> frozenset[str]:
+    """The scalar keys of per-chunk ``(columns, scalars)``; a key may not be a number in one chunk and a list in
+    another."""
+    scalars = frozenset().union(*(sc for _, sc in parts))
+    mixed = sorted(k for cols, sc in parts for k in cols if k in scalars and k not in sc)
+    if mixed:
+        raise TypeError(f"template output '{mixed[0]}' is a number in some samples and a list in others")
+    return scalars
+
+
 class EncodedDataset(Sequence):
-    """Encoded samples. ``ds[i]`` is the template's output dict (lists); ``ds.lengths`` their token counts."""
+    """Encoded samples. ``ds[i]`` is the template's output dict (lists, and numbers for the ``scalars`` keys);
+    ``ds.lengths`` their token counts."""
 
     def __init__(self, columns: dict[str, tuple[np.ndarray, np.ndarray]], row_indices: np.ndarray,
-                 num_rows: int, cache_path: str | None = None, from_cache: bool = False):
+                 num_rows: int, cache_path: str | None = None, from_cache: bool = False,
+                 scalars: frozenset[str] = frozenset()):
         self.values = {k: v for k, (v, _) in columns.items()}
+        self.scalars = frozenset(scalars)  # keys holding one number per sample
         self.lens = {k: np.asarray(n, dtype=np.int64) for k, (_, n) in columns.items()}
         self.offsets = {k: np.concatenate([[0], np.cumsum(np.maximum(n, 0))]) for k, n in self.lens.items()}
         self.row_indices = np.asarray(row_indices, dtype=np.int64)  # the dataset row of every sample
@@ -88,6 +118,12 @@ class EncodedDataset(Sequence):
         ids = [k for k in self.lens if k == 'input_ids'] or [k for k in self.lens if k.endswith('input_ids')]
         self.lengths = sum((np.maximum(self.lens[k], 0) for k in ids), np.zeros(len(self.row_indices), np.int64))
 
+    @classmethod
+    def from_samples(cls, samples: list[dict]) -> EncodedDataset:
+        """Template outputs already in memory (one sample per row)."""
+        columns, scalars = _columns(samples)
+        return cls(columns, np.arange(len(samples)), len(samples), scalars=scalars)
+
     @property
     def num_skipped(self) -> int:
         return self.num_rows - len(self)
@@ -96,12 +132,16 @@ class EncodedDataset(Sequence):
         return len(self.row_indices)
 
     def arrays(self, i: int) -> dict[str, np.ndarray]:
-        """Sample ``i`` as numpy arrays (views into the columns): the fast path for collation."""
+        """Sample ``i`` as numpy arrays (views into the columns; 0-d for a scalar key): the fast path for
+        collation."""
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        return {k: self.values[k][self.offsets[k][i]:self.offsets[k][i + 1]]
-                for k in self.values if self.lens[k][i] >= 0}
+        out = {k: self.values[k][self.offsets[k][i]:self.offsets[k][i + 1]]
+               for k in self.values if self.lens[k][i] >= 0}
+        for k in self.scalars & out.keys():
+            out[k] = out[k].reshape(())
+        return out
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -141,7 +181,8 @@ def _encode_chunk(template, start: int, rows: list[dict], sources: list[str]) ->
             raise
         samples.append(out)
         kept.append(start + j)
-    return {'n': len(samples), 'columns': _columns(samples), 'kept': np.asarray(kept, dtype=np.int64),
+    columns, scalars = _columns(samples)
+    return {'n': len(samples), 'columns': columns, 'scalars': scalars, 'kept': np.asarray(kept, dtype=np.int64),
             'rows': len(rows)}
 
 
@@ -190,12 +231,46 @@ def encode_dataset(dataset: Dataset, template, num_proc: int = 1, cache_dir: str
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
     columns = _merge_columns([(p['n'], p['columns']) for p in parts])
+    scalars = _merge_scalars([(p['columns'], p['scalars']) for p in parts])
     kept = np.concatenate([p['kept'] for p in parts]) if parts else np.zeros(0, dtype=np.int64)
-    result = EncodedDataset(columns, kept, n, cache_path=str(path) if path else None)
+    result = EncodedDataset(columns, kept, n, cache_path=str(path) if path else None, scalars=scalars)
     _report_skipped(result, template)
     if use_cache:
         _save_cache(path, result, key_parts)
     return result
+
+
+def encode_rows(template, rows: list[dict], sources: list) -> EncodedDataset:
+    """Encode a few rows in this process, uncached (``sources[i]``: where row i came from, for errors); rows over
+    ``max_length`` ('delete') are left out and counted in ``num_skipped``."""
+    part = _encode_chunk(template, 0, rows, [str(s) for s in sources])
+    if 'error' in part:
+        i, field, message = part['error']
+        raise DatasetError(sources[i], message, field)
+    return EncodedDataset(part['columns'], part['kept'], len(rows), scalars=part['scalars'])
+
+
+def encode_on_rank0_first(dataset: Dataset, template, num_proc: int, desc: str) -> EncodedDataset:
+    """Rank 0 encodes (and writes the cache); the other ranks then read the cache instead of encoding again."""
+    from ..utils.dist import initialized_dist
+    dist = initialized_dist()
+    ready = dist is not None and dist.get_world_size() > 1
+    if not ready or dist.get_rank() == 0:
+        result, error = None, None
+        try:
+            result = encode_dataset(dataset, template, num_proc=num_proc, desc=desc)
+        except Exception as e:  # noqa: BLE001 - re-raised after the others heard of it
+            error = e
+        if ready:
+            dist.broadcast_object_list([None if error is None else f'{type(error).__name__}: {error}'], src=0)
+        if error is not None:
+            raise error
+        return result
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise TrainDataError(f'encoding the dataset failed on rank 0: {box[0]}')
+    return encode_dataset(dataset, template, num_proc=num_proc, desc=desc)
 
 
 def _collect(results, dataset: Dataset, bar) -> list[dict]:
@@ -303,6 +378,7 @@ def _save_cache(path: Path, ds: EncodedDataset, key_parts: dict) -> None:
             np.save(tmp / 'row_indices.npy', ds.row_indices)
             np.save(tmp / 'lengths.npy', ds.lengths)
             atomic_write_json(tmp / 'meta.json', {'key': key_parts, 'columns': sorted(ds.values),
+                                                   'scalar_columns': sorted(ds.scalars),
                                                    'num_rows': ds.num_rows, 'num_samples': len(ds)})
         logger.info('cached %d encoded samples in %s', len(ds), path)
     except OSError as e:  # a read-only or full cache directory must not fail the run
@@ -319,7 +395,8 @@ def _load_cache(path: Path, key_parts: dict) -> EncodedDataset | None:
             return None
         columns = {k: (np.load(path / f'{k}.values.npy', mmap_mode='r'), np.load(path / f'{k}.lens.npy'))
                    for k in meta['columns']}
-        ds = EncodedDataset(columns, np.load(path / 'row_indices.npy'), meta['num_rows'], str(path), True)
+        ds = EncodedDataset(columns, np.load(path / 'row_indices.npy'), meta['num_rows'], str(path), True,
+                            scalars=frozenset(meta.get('scalar_columns', ())))
         if len(ds) != meta['num_samples']:
             raise ValueError('sample count mismatch')
         return ds

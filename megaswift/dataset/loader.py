@@ -1,4 +1,7 @@
-"""``load_dataset(['a.jsonl#100', 'b.csv'])``: normalised rows with their source locations."""
+"""``load_dataset(['a.jsonl#100', 'b.csv'])``: normalised rows with their source locations.
+
+``load_rows`` and ``split_rows`` are the training commands' entry points: chat rows or raw ``text`` rows, and a
+seeded validation hold-out."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..utils.errors import TrainDataError
 from .errors import RowSource
 from .formats import normalize_row
 from .readers import read_rows
@@ -57,20 +61,52 @@ def load_dataset(specs: str | Sequence[str], seed: int = 42, shuffle: bool = Fal
     rng = np.random.default_rng(seed)
     for spec in specs:
         path, n = parse_dataset_spec(spec)
-        part = Dataset()
-        for row, src in read_rows(path):
-            part.rows.append(normalize_row(row, src))
-            part.sources.append(src)
-        if not part.rows:
-            raise ValueError(f"dataset '{path}' has no rows")
-        if n is not None:
-            part = part.select(_subsample(len(part), n, rng))
+        part = _read_part(path, n, rng, normalize=True, empty_error=ValueError)
         logger.info('dataset %s: %d rows', spec, len(part))
         out.rows += part.rows
         out.sources += part.sources
     if shuffle:
         out = out.select(rng.permutation(len(out)).tolist())
     return out
+
+
+def load_rows(specs: list[str], seed: int, chat: bool) -> Dataset:
+    """Rows of ``specs``: normalised chat rows, or raw rows (``text`` columns) for plain-text training."""
+    if chat:
+        return load_dataset(specs, seed=seed)
+    out, rng = Dataset(), np.random.default_rng(seed)
+    for spec in specs:
+        path, n = parse_dataset_spec(spec)
+        part = _read_part(path, n, rng, normalize=False, empty_error=TrainDataError)
+        out.rows += part.rows
+        out.sources += part.sources
+    return out
+
+
+def split_rows(dataset: Dataset, ratio: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(train, val): ``ratio`` of the rows (at least one) held out, chosen with ``seed``."""
+    if not ratio:
+        return dataset, None
+    n = len(dataset)
+    k = max(1, int(round(n * ratio)))
+    if k >= n:
+        raise TrainDataError(f'--split_dataset_ratio {ratio} leaves no training rows out of {n}')
+    perm = np.random.default_rng(seed).permutation(n)
+    return dataset.select(sorted(perm[k:].tolist())), dataset.select(sorted(perm[:k].tolist()))
+
+
+def _read_part(path: str, n: int | None, rng: np.random.Generator, normalize: bool,
+               empty_error: type[Exception]) -> Dataset:
+    """The rows of one file (normalised or raw); ``n`` rows drawn with ``rng`` when given."""
+    part = Dataset()
+    for row, src in read_rows(path):
+        part.rows.append(normalize_row(row, src) if normalize else row)
+        part.sources.append(src)
+    if not part.rows:
+        raise empty_error(f"dataset '{path}' has no rows")
+    if n is not None:
+        part = part.select(_subsample(len(part), n, rng))
+    return part
 
 
 def _subsample(size: int, n: int, rng: np.random.Generator) -> list[int]:

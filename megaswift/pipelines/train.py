@@ -84,8 +84,11 @@ def prepare_data(args, plan: Plan):
     """Encoded, packed train (and eval) data and the number of optimizer steps."""
     from ..model import load_tokenizer
     from ..template.packing import padding_multiple
-    from ..trainers.data import (Collator, PlainTextEncoder, TrainDataError, build_items, encode_on_rank0_first,
-                                 load_rows, split_rows)
+    from ..dataset.encode import encode_on_rank0_first
+    from ..dataset.loader import load_rows, split_rows
+    from ..template.collator import Collator, build_items
+    from ..template.plain_text import PlainTextEncoder
+    from ..utils.errors import TrainDataError
     from ..trainers.loop import TrainData
     tokenizer = load_tokenizer(plan.model_dir)
     if args.use_chat_template:

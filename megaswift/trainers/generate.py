@@ -167,7 +167,7 @@ class GenerationSpec:
 def _next_tokens(trainer, sequences: list[list[int]], spec: GenerationSpec) -> list[int]:
     """The greedy next id of every sequence, from one forward pass over them as one padding-free row."""
     from ..template.packing import padding_free_collate
-    from .data import to_device
+    from ..template.collator import to_device
     row = padding_free_collate([{'input_ids': s} for s in sequences], spec.pad_to_multiple_of, spec.pad_token_id)
     batch = to_device({'input_ids': row.input_ids, 'position_ids': row.position_ids,
                        'packed_seq_params': row.packed_seq_params()}, trainer.device)

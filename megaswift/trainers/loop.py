@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from .data import (Collator, StepSampler, collate_micro_batches, eval_micro_batches, packing_efficiency,
-                   rank_micro_batches, to_device)
+from ..template.collator import Collator, collate_micro_batches, packing_efficiency, to_device
+from .data import StepSampler, eval_micro_batches, rank_micro_batches
 from .generate import GENERATED_OUTPUTS, needs_generation
 from .loss import count_loss_tokens, global_token_count, micro_batch_loss
 

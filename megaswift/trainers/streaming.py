@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from ..dataset.encode import AllRowsSkipped, EncodedDataset, _encode_chunk
-from ..dataset.errors import DatasetError
+from ..dataset.encode import AllRowsSkipped, EncodedDataset, encode_rows
 from ..dataset.streaming import RowStream
-from .data import TrainDataError, build_items
+from ..template.collator import build_items
+from ..utils.errors import TrainDataError
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,7 @@ Item = tuple[EncodedDataset, list[int]]  # a window's samples and the indices of
 
 def encode_window(encoder, rows: list[tuple[dict, Any]]) -> EncodedDataset:
     """Encode ``(row, source)`` pairs; rows over ``max_length`` ('delete') are left out and counted."""
-    sources = [src for _, src in rows]
-    part = _encode_chunk(encoder, 0, [row for row, _ in rows], [str(s) for s in sources])
-    if 'error' in part:
-        i, field, message = part['error']
-        raise DatasetError(sources[i], message, field)
-    return EncodedDataset(part['columns'], part['kept'], len(rows))
+    return encode_rows(encoder, [row for row, _ in rows], [src for _, src in rows])
 
 
 def gather_samples(items: list[Item]) -> tuple[EncodedDataset, list[list[int]]]:
@@ -55,12 +50,13 @@ def gather_samples(items: list[Item]) -> tuple[EncodedDataset, list[list[int]]]:
             arrays = encoded.arrays(int(i))
             for k in keys:
                 v = arrays.get(k)
-                lens[k].append(-1 if v is None else len(v))
+                lens[k].append(-1 if v is None else v.size)
                 if v is not None:
-                    values[k].append(v)
+                    values[k].append(v.reshape(-1))
     columns = {k: (np.concatenate(values[k]) if values[k] else np.zeros(0, np.int32), np.asarray(lens[k], np.int64))
                for k in keys}
-    return EncodedDataset(columns, np.arange(n), n), bins
+    scalars = frozenset().union(*(encoded.scalars for encoded, _ in items))
+    return EncodedDataset(columns, np.arange(n), n, scalars=scalars), bins
 
 
 class StreamingSampler:
@@ -186,7 +182,7 @@ def streaming_sampler(args, encoder, data, max_length: int) -> StreamingSampler:
 
 def check_resume_streaming(state: dict, args, path) -> None:
     """Fail before the model is built when --streaming differs from the run that saved ``state``."""
-    from ..arguments.base import ArgumentError
+    from ..utils.errors import ArgumentError
     saved = bool((state.get('sampler') or {}).get('streaming'))
     if saved != bool(args.streaming):
         raise ArgumentError(f"--resume_from_checkpoint '{path}': that run was saved with --streaming "

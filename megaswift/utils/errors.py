@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class ArgumentError(UserError, ValueError):
     """A bad argument value; the message names the flag."""
+
+
+class TrainDataError(UserError, ValueError):
+    """Training data that cannot be used as given (an empty set, a split that leaves nothing, a missing column)."""

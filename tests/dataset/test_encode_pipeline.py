@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from megaswift.dataset import DatasetError, load_dataset
 from megaswift.dataset import encode as encode_mod
@@ -42,6 +43,7 @@ def write_jsonl(path, rows):
 def same(a, b):
     return (len(a) == len(b) and a.num_rows == b.num_rows and np.array_equal(a.row_indices, b.row_indices)
             and np.array_equal(a.lengths, b.lengths) and sorted(a.values) == sorted(b.values)
+            and a.scalars == b.scalars
             and all(np.array_equal(a.values[k], b.values[k]) and np.array_equal(a.lens[k], b.lens[k]) for k in a.values)
             and [a[i] for i in range(len(a))] == [b[i] for i in range(len(b))])
 
@@ -149,3 +151,34 @@ def test_unexpected_error_keeps_its_type_and_names_the_row(tmp_path, tok, num_pr
     with pytest.raises(KeyError) as e:
         encode_dataset(load_dataset(path), _Exploding(get_template(tok)), num_proc=num_proc, use_cache=False)
     assert e.value.__notes__ == [f'while encoding row 3 ({path}:4)']
+
+
+class PreferenceEncoder:
+    """A chat template plus the columns a preference objective adds: numbers per sample and another sequence."""
+
+    def __init__(self, template):
+        self.template, self.tokenizer = template, template.tokenizer
+
+    def encode(self, row):
+        out = self.template.encode(row)
+        n = len(out['input_ids'])
+        return out | {'label': n % 2 == 0, 'margin': n / 10, 'rejected_input_ids': out['input_ids'][:3]}
+
+
+def test_extra_columns_survive_encoding_processes_and_the_cache(tmp_path, tok, monkeypatch):
+    from megaswift.template.collator import Collator
+    ds = load_dataset(write_jsonl(tmp_path / 'd.jsonl', chat_rows(20)))
+    encoder = PreferenceEncoder(get_template(tok))
+    monkeypatch.setattr(encode_mod, 'CHUNK_ROWS', 7)
+    first = encode_dataset(ds, encoder, cache_dir=tmp_path / 'cache')
+    two = encode_dataset(ds, encoder, num_proc=2, use_cache=False)
+    hit = encode_dataset(ds, encoder, cache_dir=tmp_path / 'cache')
+    assert hit.from_cache and same(first, two) and same(first, hit)
+    direct = [encoder.encode(r) for r in ds]
+    for enc in (first, two, hit):
+        assert enc.scalars == {'label', 'margin'}
+        assert [enc[i] for i in range(len(enc))] == direct
+        assert type(enc[0]['label']) is bool and enc.arrays(0)['margin'].shape == ()
+    batch = Collator(hit, [[0], [1, 2]], columns=('label', 'margin'))([0, 1])
+    assert batch['label'].dtype == torch.bool and batch['label'].tolist() == [d['label'] for d in direct[:3]]
+    assert batch['margin'].tolist() == pytest.approx([d['margin'] for d in direct[:3]])

@@ -216,16 +216,16 @@ def test_cuda_tensors_match_cpu():
 
 # ------------------------------------------------------------------------------------------- collators
 def encoded(lens, rng):
-    from megaswift.dataset.encode import EncodedDataset, _columns
+    from megaswift.dataset.encode import EncodedDataset
     samples = []
     for n in lens:
         ids = rng.integers(3, 1000, n)
         samples.append({'input_ids': ids.tolist(), 'labels': np.where(rng.random(n) < 0.5, ids, -100).tolist()})
-    return EncodedDataset(_columns(samples), list(range(len(lens))), len(lens)), samples
+    return EncodedDataset.from_samples(samples), samples
 
 
 def test_collators_use_the_ops():
-    from megaswift.trainers.data import Collator
+    from megaswift.template.collator import Collator
     rng = np.random.default_rng(6)
     for lens, multiple in [([5, 3, 7], 4), ([1], 1), ([2, 9, 4, 4], 8)]:
         enc, samples = encoded(lens, rng)

@@ -203,7 +203,7 @@ def test_resume_restores_the_exact_position(world, tiny_llama_dir, tmp_path, mon
         assert [step_contents(b) for _ in range(10 - k)] == steps[k:], k
         assert b.sampler.epoch == epochs[-1] and b.sampler.consumed == 40
     from megaswift.arguments.base import ArgumentError
-    from megaswift.trainers.data import TrainDataError
+    from megaswift.utils.errors import TrainDataError
     from megaswift.trainers.streaming import check_resume_streaming
     with pytest.raises(TrainDataError, match='trained without --streaming'):
         b.sampler.load_state_dict({'consumed': 8, 'num_items': 10})

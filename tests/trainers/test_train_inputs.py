@@ -146,7 +146,7 @@ def test_all_samples_longer_than_max_length(world, tiny_llama_dir, tmp_path, mon
 def test_pt_needs_a_text_column_and_warmup_below_steps(world, tiny_llama_dir, tmp_path, monkeypatch):
     from megaswift.dataset import DatasetError
     from megaswift.pipelines.train import prepare_data, preflight
-    from megaswift.trainers.data import TrainDataError
+    from megaswift.utils.errors import TrainDataError
     world(1)
     monkeypatch.setenv('MEGASWIFT_CACHE', str(tmp_path / 'cache'))
     bad = tmp_path / 'bad.jsonl'
@@ -195,11 +195,11 @@ def test_micro_batches_split_the_step_exactly_once():
 def test_collated_targets_align_with_logits(tiny_llama_dir):
     """Position t of a collated batch holds the id the logit at t must predict (the input at t + 1), never
     across a sample boundary; padding-free and padded batches agree."""
-    from megaswift.dataset.encode import EncodedDataset, _columns
-    from megaswift.trainers.data import Collator
+    from megaswift.dataset.encode import EncodedDataset
+    from megaswift.template.collator import Collator
     samples = [{'input_ids': [5, 6, 7, 8], 'labels': [-100, -100, 7, 8]},
                {'input_ids': [9, 10, 11], 'labels': [-100, 10, 11], 'loss_scale': [0.0, 2.0, 1.0]}]
-    enc = EncodedDataset(_columns(samples), [0, 1], 2)
+    enc = EncodedDataset.from_samples(samples)
     pf = Collator(enc, [[0, 1]], padding_free=True, pad_to_multiple_of=4)([0])
     assert pf['input_ids'].tolist() == [[5, 6, 7, 8, 9, 10, 11, 0]]
     assert pf['labels'].tolist() == [[-100, 7, 8, -100, 10, 11, -100, -100]]
@@ -214,7 +214,7 @@ def test_collated_targets_align_with_logits(tiny_llama_dir):
 def test_plain_text_encoder(tiny_llama_dir):
     from megaswift.model import load_tokenizer
     from megaswift.template import MaxLengthExceeded
-    from megaswift.trainers.data import PlainTextEncoder
+    from megaswift.template.plain_text import PlainTextEncoder
     tok = load_tokenizer(tiny_llama_dir)
     enc = PlainTextEncoder(tok, max_length=None).encode({'text': 'hello world'})
     assert enc['labels'] == enc['input_ids'] and enc['input_ids'][-1] == tok.eos_token_id
