@@ -6,10 +6,10 @@ every group's check once, in MRO order, so validation lives next to the fields i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..megatron.layout import ParallelConfig, validate_layout
 from ..utils.errors import ArgumentError
 from ..utils.plugins import import_external_plugins
 
@@ -92,6 +92,22 @@ class PluginArguments:
         import_external_plugins(self.external_plugins)
 
 
-def env_rank_world() -> tuple[int, int]:
-    """(rank, world_size) when launched by torchrun, else (0, 1)."""
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+@dataclass
+class ParallelArguments:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+
+    def _check(self):
+        self.parallel_config()
+
+    def parallel_config(self, world_size: int | None = None, hf_config=None) -> ParallelConfig:
+        """The layout of these flags, validated by ``megatron/layout.py`` (its ``ParallelLayoutError`` is an
+        ``ArgumentError`` naming the flags); with ``world_size`` / ``hf_config`` also against the launch / model."""
+        return validate_layout(self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                               self.virtual_pipeline_model_parallel_size, getattr(self, 'sequence_parallel', False),
+                               world_size=world_size, hf_config=hf_config)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size

@@ -5,7 +5,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .base import ArgumentError, ArgumentsBase, ModelArguments, PluginArguments
+from .base import ArgumentError, ArgumentsBase, ModelArguments, ParallelArguments, PluginArguments
 
 _SIZE_UNITS = {'': 1, 'b': 1, 'kb': 10**3, 'mb': 10**6, 'gb': 10**9, 'tb': 10**12,
                'kib': 2**10, 'mib': 2**20, 'gib': 2**30, 'tib': 2**40}
@@ -23,26 +23,6 @@ def parse_size(value: str | int, flag: str = 'max_shard_size') -> int:
     if size <= 0:
         raise ArgumentError(f'--{flag}: must be positive, got {value!r}')
     return size
-
-
-@dataclass
-class ParallelArguments:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-
-    def _check(self):
-        for name in ('tensor_model_parallel_size', 'pipeline_model_parallel_size'):
-            if getattr(self, name) < 1:
-                raise ArgumentError(f'--{name}: must be >= 1, got {getattr(self, name)}')
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None and (vpp < 1 or self.pipeline_model_parallel_size < 2):
-            raise ArgumentError('--virtual_pipeline_model_parallel_size needs --pipeline_model_parallel_size >= 2 '
-                                f'and a value >= 1, got {vpp}')
-
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
 
 @dataclass

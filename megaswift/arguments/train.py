@@ -1,17 +1,17 @@
 """Arguments of ``megaswift sft`` and ``megaswift pt`` (Megatron-SWIFT's flag names), composed of small groups.
 
 Checks that need only the flags (and the launch's world size) run here, at parse time; checks that need
-the model's config (``family.validate_parallel``) or the data run in ``pipelines/train.py`` before any
-model is built.
+the model's config (the layout against the model: ``ParallelArguments.parallel_config(hf_config=...)``) or the
+data run in ``pipelines/train.py`` before any model is built.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from .base import (ArgumentError, ArgumentsBase, DataArguments, ModelArguments, PluginArguments, TemplateArguments,
-                   env_rank_world)
-from .export import ParallelArguments
+from ..utils.dist import world_size
+from .base import (ArgumentError, ArgumentsBase, DataArguments, ModelArguments, ParallelArguments, PluginArguments,
+                   TemplateArguments)
 
 LR_DECAY_STYLES = ('cosine', 'linear', 'constant')
 
@@ -82,16 +82,17 @@ class TrainParallelArguments(ParallelArguments):
     use_distributed_optimizer: bool | None = None  # default: True for adam/adamw (ZeRO-1), False for sgd
 
     def _check(self):
-        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            self.sequence_parallel = False  # as Megatron-LM: nothing to split without TP
+        # as Megatron-LM: sequence parallelism is off without TP (nothing to split)
+        self.sequence_parallel = self.parallel_config(world_size=self.world_size).sequence_parallel
 
     @property
     def world_size(self) -> int:
-        return env_rank_world()[1]
+        return world_size()
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // self.model_parallel_size
+        """This launch's data-parallel size; ``ParallelLayoutError`` if its processes cannot hold the layout."""
+        return self.world_size // self.parallel_config(world_size=self.world_size).model_parallel_size
 
 
 @dataclass
@@ -103,13 +104,8 @@ class BatchArguments:
         for name in ('micro_batch_size', 'global_batch_size'):
             if getattr(self, name) < 1:
                 raise ArgumentError(f'--{name}: must be >= 1, got {getattr(self, name)}')
-        world = env_rank_world()[1]
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if world % (tp * pp):
-            raise ArgumentError(f'{world} process(es) cannot hold --tensor_model_parallel_size {tp} x '
-                                f'--pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} processes '
-                                f'(NPROC_PER_NODE={tp * pp} megaswift ...)')
-        dp = world // (tp * pp)
+        dp = self.data_parallel_size  # validates the layout first (this check runs before the parallel group's)
+        world, tp, pp = self.world_size, self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         per_pass = self.micro_batch_size * dp
         if self.global_batch_size % per_pass:
             raise ArgumentError(f'--global_batch_size {self.global_batch_size} is not divisible by --micro_batch_size '
@@ -123,8 +119,7 @@ class BatchArguments:
 
     @property
     def num_microbatches(self) -> int:
-        dp = env_rank_world()[1] // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
-        return self.global_batch_size // (self.micro_batch_size * dp)
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..utils.dist import rank
 from ..utils.errors import UserError
 from ..utils.registry import did_you_mean
 from .launch import torchrun_argv
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ImportError, ConnectionError, FileNotFoundError) as e:
         if os.environ.get('MEGASWIFT_DEBUG'):
             raise
-        if os.environ.get('RANK', '0') == '0':  # under torchrun every rank fails alike: say it once
+        if rank() == 0:  # under torchrun every rank fails alike: say it once
             print(f'megaswift {name}: error: {e}', file=sys.stderr)
         return 1
     return 0

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from ..utils.dist import world_size
 from ..utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -22,16 +22,6 @@ logger = logging.getLogger(__name__)
 
 class ExportError(UserError, RuntimeError):
     """A conversion that cannot proceed; the message says which input is wrong."""
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get('RANK', 0))
-
-
-def _world() -> int:
-    import torch.distributed as dist
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get('WORLD_SIZE', 1))
 
 
 def resolve_dtype(name: str | None, fallback) -> torch.dtype:
@@ -46,23 +36,8 @@ def resolve_dtype(name: str | None, fallback) -> torch.dtype:
 
 
 def check_layout(hf_config, args) -> None:
-    """TP must divide the attention and KV heads; TP x PP must divide the number of processes."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    heads = getattr(hf_config, 'num_attention_heads', None)
-    kv_heads = getattr(hf_config, 'num_key_value_heads', None) or heads
-    for field, value in (('num_attention_heads', heads), ('num_key_value_heads', kv_heads)):
-        if value and value % tp:
-            raise ExportError(f'--tensor_model_parallel_size {tp} does not divide the model\'s {field} ({value}); '
-                              f'choose a TP size that divides {value}')
-    layers = getattr(hf_config, 'num_hidden_layers', None)
-    vpp = args.virtual_pipeline_model_parallel_size or 1
-    if layers and layers % (pp * vpp):
-        raise ExportError(f'--pipeline_model_parallel_size {pp}' + (f' x --virtual_pipeline_model_parallel_size '
-                          f'{vpp}' if vpp > 1 else '') + f' does not divide num_hidden_layers ({layers})')
-    if _world() % (tp * pp):
-        raise ExportError(f'{_world()} process(es) cannot hold --tensor_model_parallel_size {tp} x '
-                          f'--pipeline_model_parallel_size {pp}; launch a multiple of {tp * pp} processes '
-                          f'(NPROC_PER_NODE={tp * pp} megaswift export ...)')
+    """The model must split over ``args``' TP/PP/VPP, and the launch's processes must hold TP x PP."""
+    args.parallel_config(world_size=world_size(), hf_config=hf_config)
 
 
 def _load_hf_config(model_dir: str):
@@ -85,26 +60,26 @@ def _check_family(hf_config) -> None:
 
 @contextlib.contextmanager
 def parallel_session(args):
-    """Process groups for ``args``' layout for the duration of a conversion."""
-    from ..megatron import ParallelConfig, destroy_parallel, initialize_parallel
+    """Process groups for ``args``' layout for the duration of a conversion; yields their ``ParallelContext``."""
+    from ..megatron import destroy_parallel, initialize_parallel
     try:
-        cfg = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size)
-        initialize_parallel(cfg, seed=getattr(args, 'seed', 42))
+        parallel = initialize_parallel(args.parallel_config(), seed=getattr(args, 'seed', 42))
+    except UserError:
+        raise
     except ValueError as e:
         raise ExportError(str(e)) from None
     try:
-        yield cfg
+        yield parallel
     finally:
         destroy_parallel()
 
 
-def _build(hf_config, dtype):
+def _build(hf_config, dtype, parallel):
     from ..megatron import build_model
     try:
         # every weight is overwritten by the load (which fails on any it misses): skip the random init
-        return build_model(hf_config, dtype=dtype, config_overrides={'perform_initialization': False})
+        return build_model(hf_config, dtype=dtype, parallel=parallel,
+                           config_overrides={'perform_initialization': False})
     except (ValueError, NotImplementedError, AssertionError) as e:
         raise ExportError(f'cannot build the mcore model: {str(e).splitlines()[0] if str(e) else type(e).__name__}') \
             from None
@@ -124,10 +99,10 @@ def hf_to_mcore(args) -> str:
     check_hf_weight_files(model_dir)
     dtype = resolve_dtype(args.torch_dtype, getattr(hf_config, 'dtype', None) or getattr(hf_config, 'torch_dtype',
                                                                                          None))
-    with parallel_session(args):
-        models = _build(hf_config, dtype)
+    with parallel_session(args) as parallel:
+        models = _build(hf_config, dtype, parallel)
         try:
-            load_hf_weights(models, model_dir)
+            load_hf_weights(models, model_dir, parallel=parallel)
         except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
             if isinstance(e, UserError):
                 raise
@@ -135,14 +110,14 @@ def hf_to_mcore(args) -> str:
                               f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
         extra = {'source_model': args.model, 'source_dir': str(model_dir),
                  'converted_by': 'megaswift export --to_mcore'}
-        out = save_mcore_checkpoint(models, args.output_dir, hf_config, extra, hf_dir=model_dir)
-        if _rank() == 0:
+        out = save_mcore_checkpoint(models, args.output_dir, hf_config, extra, hf_dir=model_dir, parallel=parallel)
+        if parallel.rank == 0:
             print(f'[megaswift export] HF -> mcore: {out} ({time.perf_counter() - start:.1f} s, '
                   f'TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size}, {_dtype_name(dtype)})',
                   flush=True)
         if args.test_convert_precision:
             from .precision import test_convert_precision
-            test_convert_precision(models, model_dir)
+            test_convert_precision(models, model_dir, parallel=parallel)
     return out
 
 
@@ -178,13 +153,14 @@ def mcore_to_hf(args) -> str:
     out_dtype = resolve_dtype(args.torch_dtype, ckpt_dtype)
     tied = bool(getattr(hf_config, 'tie_word_embeddings', False))
     final = Path(args.output_dir)
-    with parallel_session(args):
-        models = _build(hf_config, ckpt_dtype)  # the checkpoint's own dtype: loading is exact
+    with parallel_session(args) as parallel:
+        models = _build(hf_config, ckpt_dtype, parallel)  # the checkpoint's own dtype: loading is exact
         load_mcore_checkpoint(models, ckpt_dir)
         with distributed_atomic_directory(final) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, args.max_shard_bytes, out_dtype) if _rank() == 0 else None
+            writer = ShardedSafetensorsWriter(tmp, args.max_shard_bytes, out_dtype) if parallel.rank == 0 else None
             error = None
-            for name, tensor in iter_hf_weights(models):  # every rank iterates: collectives inside
+            # every rank iterates: collectives inside
+            for name, tensor in iter_hf_weights(models, parallel=parallel):
                 if writer is None or error is not None or (tied and name == 'lm_head.weight'):
                     continue
                 try:
@@ -198,12 +174,12 @@ def mcore_to_hf(args) -> str:
                 copy_hf_side_files(ckpt_dir, tmp)
                 _write_configs(hf_config, out_dtype, tmp)
                 logger.info('wrote %s (%.1f MB)', ', '.join(files), writer.total_bytes / 1e6)
-        if _rank() == 0:
+        if parallel.rank == 0:
             print(f'[megaswift export] mcore -> HF: {final} ({time.perf_counter() - start:.1f} s, '
                   f'{_dtype_name(out_dtype)}, {len(files)} safetensors file(s))', flush=True)
         if args.test_convert_precision:
             from .precision import test_convert_precision
-            test_convert_precision(models, final)
+            test_convert_precision(models, final, parallel=parallel)
     return str(final)
 
 

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..utils.dist import rank
+from ..megatron.parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -45,29 +45,31 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1)).item()
 
 
-def mcore_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+def mcore_logits(models, input_ids: torch.Tensor, vocab_size: int, *,
+                 parallel: ParallelContext | None = None) -> torch.Tensor | None:
     """Full-vocabulary logits ``[b, s, vocab_size]`` of ``models`` (any TP/PP/VPP) on global rank 0, else None.
 
     Every rank must call this; rows run as micro-batches of one through megatron-core's schedule.
+    ``parallel``: the layout the models were built at (default: ``ParallelContext.from_megatron()``).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
     rows = list(input_ids.split(1))
-    pp = ps.get_pipeline_model_parallel_world_size()
+    pp = parallel.pp_size
     n_real = len(rows)
     if len(models) > 1 and len(rows) % pp:  # the interleaved schedule needs a multiple of PP micro-batches
         rows += [rows[-1]] * (pp - len(rows) % pp)
     seq = input_ids.size(1)
     position_ids = torch.arange(seq).unsqueeze(0)
-    tp = ps.get_tensor_model_parallel_world_size()
+    tp = parallel.tp_size
 
     def loss_func(output):
         logits = output
         if tp > 1 and logits.size(-1) * tp <= _padded_vocab(models, vocab_size):
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=parallel.tp_group)
         logits = logits[..., :vocab_size].float()
         return logits.sum() * 0.0, {'logits': logits.detach().clone()}
 
@@ -80,14 +82,13 @@ def mcore_logits(models, input_ids: torch.Tensor, vocab_size: int) -> torch.Tens
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators if len(models) > 1 else iterators[0],
             model=models, num_microbatches=len(rows), seq_length=seq, micro_batch_size=1, forward_only=True)
-    have = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank() == 0)
+    have = parallel.is_last_stage and parallel.tp_rank == 0 and parallel.dp_rank == 0
     mine = torch.cat([o['logits'] for o in out][:n_real]) if have and out else None
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if parallel.world_size == 1:
         return mine
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered = [None] * parallel.world_size if parallel.rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
-    if dist.get_rank() != 0:
+    if parallel.rank != 0:
         return None
     return next(t for t in gathered if t is not None)
 
@@ -119,13 +120,16 @@ def _as_dtype(models, dtype: torch.dtype):
 
 
 def test_convert_precision(models, hf_dir: str | os.PathLike, *, compute_dtype: torch.dtype = torch.float32,
-                           num_random_rows: int = 2, seed: int = 0) -> dict:
+                           num_random_rows: int = 2, seed: int = 0, parallel: ParallelContext | None = None) -> dict:
     """Compare HF (``hf_dir``) and mcore logits on one batch; prints and returns the numbers on every rank.
 
-    Every rank must call this; only global rank 0 loads the HF model.
+    Every rank must call this; only global rank 0 loads the HF model. ``parallel``: the layout the models
+    were built at (default: ``ParallelContext.from_megatron()``).
     """
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
 
     hf_dir = str(hf_dir)
     config = AutoConfig.from_pretrained(hf_dir)
@@ -138,12 +142,12 @@ def test_convert_precision(models, hf_dir: str | os.PathLike, *, compute_dtype: 
         m.eval()
     try:
         with _as_dtype(models, compute_dtype):
-            mc_logits = mcore_logits(models, input_ids, vocab_size)
+            mc_logits = mcore_logits(models, input_ids, vocab_size, parallel=parallel)
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
     result = None
-    if rank() == 0:
+    if parallel.rank == 0:
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=compute_dtype).eval()
         with torch.no_grad():
             hf_logits = hf(input_ids=input_ids).logits.float()
@@ -159,7 +163,7 @@ def test_convert_precision(models, hf_dir: str | os.PathLike, *, compute_dtype: 
               f"max_abs_logit_diff={result['max_abs_logit_diff']:.3e} "
               f"mean_abs_logit_diff={result['mean_abs_logit_diff']:.3e} hf_loss={hf_loss:.6f} "
               f"mcore_loss={mc_loss:.6f} loss_diff={result['loss_diff']:.3e}", flush=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if parallel.world_size > 1:
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]

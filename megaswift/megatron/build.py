@@ -6,8 +6,10 @@ from typing import Optional
 
 import torch
 
+from megaswift.megatron.layout import ParallelConfig, validate_layout
 from megaswift.megatron.model import ModelFamily, get_model_family
 from megaswift.megatron.model.registry import build_transformer_config, gpt_model_kwargs, tie_word_embeddings
+from megaswift.megatron.parallel import ParallelContext
 from megaswift.megatron.weights import MAKE_VOCAB_SIZE_DIVISIBLE_BY, WeightContext, padded_vocab_size
 
 
@@ -39,33 +41,33 @@ def unwrap_model(model):
 
 
 def build_model(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-                parallel_config=None, make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+                parallel: Optional[ParallelContext] = None, parallel_config: Optional[ParallelConfig] = None,
+                make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY,
                 config_overrides: Optional[dict] = None) -> list:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (one without VPP).
 
-    Parallel sizes come from ``parallel_config`` (default: the one given to ``initialize_parallel``);
-    the layout is validated against the model before anything is built. Parameters are plain
-    tensors in ``dtype`` (no Float16Module), on CPU when CUDA is absent. The vocab is padded to a
-    multiple of ``make_vocab_size_divisible_by * tp`` (``model.megaswift_info.padded_vocab_size``;
-    logits past ``vocab_size`` are padding). Weights are random until ``load_hf_weights``.
+    The layout is ``parallel`` (default: ``ParallelContext.from_megatron()``), validated against the
+    model before anything is built. ``parallel_config`` (sizes and sequence parallelism) is the trainer's
+    until it passes ``parallel``; its sizes must be the context's. Parameters are plain tensors in
+    ``dtype`` (no Float16Module), on CPU when CUDA is absent. The vocab is padded to a multiple of
+    ``make_vocab_size_divisible_by * tp`` (``model.megaswift_info.padded_vocab_size``; logits past
+    ``vocab_size`` are padding). Weights are random until ``load_hf_weights``.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from megaswift.megatron.parallel import current_parallel_config
     from megaswift.megatron.spec import final_norm_spec, te_available
 
     family = get_model_family(hf_config)
-    pcfg = parallel_config or current_parallel_config()
+    ctx = parallel if parallel is not None else ParallelContext.from_megatron()
+    pcfg = parallel_config if parallel_config is not None else ctx.config
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
     vpp = pcfg.virtual_pipeline_model_parallel_size
-    family.validate_parallel(hf_config, tp, pp, vpp)
-    if parallel_state.get_tensor_model_parallel_world_size() != tp or \
-            parallel_state.get_pipeline_model_parallel_world_size() != pp:
+    validate_layout(tp, pp, vpp, hf_config=hf_config)
+    if (ctx.tp_size, ctx.pp_size) != (tp, pp):
         raise ValueError(f'parallel_config (tp={tp}, pp={pp}) differs from the initialised parallel state '
-                         f'(tp={parallel_state.get_tensor_model_parallel_world_size()}, '
-                         f'pp={parallel_state.get_pipeline_model_parallel_world_size()})')
+                         f'(tp={ctx.tp_size}, pp={ctx.pp_size})')
     if not torch.cuda.is_available():
         from megaswift.megatron import cpu_compat
         cpu_compat.apply()
@@ -83,7 +85,7 @@ def build_model(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Option
         vp_stage = chunk if vpp else None
         n_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
         block = TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=final_norm)
-        model = GPTModel(
+        model = GPTModel(  # megatron-core places the virtual stages: its own parallel_state answers for them
             config=config, transformer_layer_spec=block, vocab_size=padded,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

@@ -32,6 +32,7 @@ import torch
 from ..utils.dist import barrier, initialized_dist, rank
 from ..utils.errors import UserError
 from ..utils.paths import atomic_write_text
+from .parallel import ParallelContext
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +67,8 @@ def _any_rank_failed(failed: bool) -> bool:
 
 
 def current_layout() -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-    dist = initialized_dist()
-    return {'tensor_model_parallel_size': ps.get_tensor_model_parallel_world_size(),
-            'pipeline_model_parallel_size': ps.get_pipeline_model_parallel_world_size(),
-            'virtual_pipeline_model_parallel_size': ps.get_virtual_pipeline_model_parallel_world_size(),
-            'data_parallel_size': ps.get_data_parallel_world_size(),
-            'world_size': dist.get_world_size() if dist else 1}
+    """``ParallelContext.from_megatron().layout()``; the trainer's until it records its context's layout."""
+    return ParallelContext.from_megatron().layout()
 
 
 def _sharded_state_dict(models) -> dict:
@@ -158,13 +154,15 @@ def distributed_atomic_directory(final: str | os.PathLike):
 
 
 def save_mcore_checkpoint(models, output_dir: str | os.PathLike, hf_config, extra_meta: dict | None = None, *,
-                          hf_dir: str | os.PathLike | None = None, iteration: int | None = None) -> str:
+                          hf_dir: str | os.PathLike | None = None, iteration: int | None = None,
+                          parallel: ParallelContext | None = None) -> str:
     """Save ``models`` (one module per virtual pipeline chunk) as a ``torch_dist`` checkpoint; returns its root.
 
     Every rank must call this. ``hf_dir``: the HF model whose config/tokenizer files are copied alongside.
     ``iteration=None`` (a conversion): ``output_dir`` holds one ``release`` checkpoint and is replaced as a
     whole, only once the new one is complete. ``iteration=N`` (training): ``output_dir/iter_000000N`` is
-    written atomically next to earlier iterations, then the tracker file is pointed at it.
+    written atomically next to earlier iterations, then the tracker file is pointed at it. ``parallel``: the
+    ``ParallelContext`` the models were built at, recorded as the layout (default: megatron-core's state).
     """
     from megatron.core import dist_checkpointing
 
@@ -172,7 +170,7 @@ def save_mcore_checkpoint(models, output_dir: str | os.PathLike, hf_config, extr
     cpu_compat.apply()  # dist_checkpointing.save synchronises CUDA streams; a no-op with CUDA
     root = Path(output_dir).resolve()
     sub = _iteration_dir_name(iteration)
-    meta = _meta(models, hf_config, extra_meta, sub)
+    meta = _meta(models, hf_config, extra_meta, sub, parallel.layout() if parallel is not None else current_layout())
     with distributed_atomic_directory(root if iteration is None else root / sub) as tmp:
         ckpt = tmp / sub if iteration is None else tmp
         if rank() == 0:
@@ -194,13 +192,13 @@ def save_mcore_checkpoint(models, output_dir: str | os.PathLike, hf_config, extr
     return str(root)
 
 
-def _meta(models, hf_config, extra_meta, sub) -> dict:
+def _meta(models, hf_config, extra_meta, sub, layout: dict) -> dict:
     import megaswift
     param = next(models[0].parameters())
     return {'format': FORMAT, 'format_version': FORMAT_VERSION, 'megaswift_version': megaswift.__version__,
             'megatron_core_version': _mcore_version(), 'iteration': sub,
             'saved_at': datetime.datetime.now().isoformat(timespec='seconds'),
-            'layout': current_layout(), 'dtype': str(param.dtype).replace('torch.', ''),
+            'layout': layout, 'dtype': str(param.dtype).replace('torch.', ''),
             'hf_config': _config_dict(hf_config), **(extra_meta or {})}
 
 

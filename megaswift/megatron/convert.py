@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from megaswift.megatron.build import unwrap_model
+from megaswift.megatron.parallel import ParallelContext
 from megaswift.megatron.weights import copy_slice, expected_hf_shapes, full_shape, shard, to_hf, to_mcore, unshard
 
 SAFE_INDEX = 'model.safetensors.index.json'
@@ -97,24 +98,16 @@ def _model_tensors(model):
         yield global_name(name, offsets), param
 
 
-def _default_groups(tp_group, pp_group, dp_group):
-    from megatron.core import parallel_state
-    return (tp_group or parallel_state.get_tensor_model_parallel_group(),
-            pp_group or parallel_state.get_pipeline_model_parallel_group(),
-            dp_group or parallel_state.get_data_parallel_group())
-
-
 @torch.no_grad()
-def load_hf_weights(models, hf_dir: str, *, tp_group=None) -> None:
+def load_hf_weights(models, hf_dir: str, *, parallel: Optional[ParallelContext] = None) -> None:
     """Fill this rank's TP/PP shard of every parameter of ``models`` from the HF checkpoint in ``hf_dir``.
 
+    ``parallel``: the layout the models were built at (default: ``ParallelContext.from_megatron()``).
     Raises ``WeightLoadError`` naming the tensor for a missing tensor, a missing shard file, a shape
     mismatch (expected vs found) or a parameter no rule maps.
     """
-    if tp_group is None:
-        from megatron.core import parallel_state
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_rank, tp_size = torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group)
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
+    tp_rank, tp_size = parallel.tp_rank, parallel.tp_size
     ckpt = HFCheckpoint(hf_dir)
     try:
         for name, param, rule, layer, ctx in _mapped_tensors(models):
@@ -174,20 +167,18 @@ def _owned_units(models):
 
 
 @torch.no_grad()
-def iter_hf_weights(models, *, tp_group=None, pp_group=None, dp_group=None) -> Iterator[tuple]:
+def iter_hf_weights(models, *, parallel: Optional[ParallelContext] = None) -> Iterator[tuple]:
     """Yield ``(hf_name, full CPU tensor)`` in HF order on global rank 0; other ranks yield nothing.
 
     Every rank must run the iterator to the end: the TP gathers and the pipeline-stage -> rank 0
-    transfers happen inside, one layer at a time.
+    transfers happen inside, one layer at a time. ``parallel`` as in ``load_hf_weights``.
     """
-    tp_group, pp_group, dp_group = _default_groups(tp_group, pp_group, dp_group)
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
     dist = torch.distributed
-    tp_rank, tp_size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
-    pp_rank = dist.get_rank(pp_group)
-    dp_rank = dist.get_rank(dp_group)
-    rank = dist.get_rank()
+    tp_group, pp_group = parallel.tp_group, parallel.pp_group
+    tp_rank, tp_size, pp_rank, rank = parallel.tp_rank, parallel.tp_size, parallel.pp_rank, parallel.rank
     units, wmap, num_layers = _owned_units(models)
-    owned = [None] * dist.get_world_size(pp_group)
+    owned = [None] * parallel.pp_size
     dist.all_gather_object(owned, sorted(units, key=str), group=pp_group)
     owner = {u: stage for stage, us in enumerate(owned) for u in us}
     pp_ranks = dist.get_process_group_ranks(pp_group)
@@ -197,7 +188,7 @@ def iter_hf_weights(models, *, tp_group=None, pp_group=None, dp_group=None) -> I
             raise WeightLoadError(f'no pipeline stage holds {unit!r}')
         stage = owner[unit]
         tensors = {}
-        if stage == pp_rank and dp_rank == 0:
+        if stage == pp_rank and parallel.dp_rank == 0:
             for rule, layer, param, ctx in units[unit]:
                 full = _gather_tp(param.detach(), rule.tp, tp_group, tp_size)
                 for hf_name, t in zip(rule.hf_names(layer), to_hf(rule, full, ctx)):
@@ -230,6 +221,6 @@ def _gather_tp(local: torch.Tensor, mode: Optional[str], tp_group, tp_size: int)
     return unshard(parts, mode)
 
 
-def hf_state_dict(models, **groups) -> dict:
+def hf_state_dict(models, *, parallel: Optional[ParallelContext] = None) -> dict:
     """All of ``iter_hf_weights`` as a dict (rank 0; empty elsewhere). Small models / tests only."""
-    return dict(iter_hf_weights(models, **groups))
+    return dict(iter_hf_weights(models, parallel=parallel))

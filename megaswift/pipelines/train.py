@@ -47,9 +47,8 @@ def preflight(args) -> Plan:
     except (OSError, ValueError, KeyError) as e:
         raise ArgumentError(f"cannot read the HF config of '{model_dir}': {str(e).splitlines()[0]}") from None
     try:
-        family = get_model_family(hf_config)
-        family.validate_parallel(hf_config, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                 args.virtual_pipeline_model_parallel_size)
+        get_model_family(hf_config)
+        args.parallel_config(hf_config=hf_config)  # the model's heads and layers split over TP and PP x VPP
     except UserError:
         raise
     except ValueError as e:

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments.base import env_rank_world
 from ..arguments.sampling import SamplingArguments
 from ..dataset import load_dataset
 from ..infer_engine import RequestConfig, get_infer_engine
 from ..rewards import get_orm, get_prm, reduce_reward
+from ..utils import dist
 from .cache import load_cached_samples
 from .output import OutputError, SampleOutput, default_output_file, find_resumable
 from .prompts import Prompt, build_prompt, output_row
@@ -36,7 +36,7 @@ class Sampler:
     def __init__(self, args: SamplingArguments):
         self.args = args
         if not args.data_range:
-            rank, world = env_rank_world()  # under torchrun every rank samples its own shard
+            rank, world = dist.rank(), dist.world_size()  # under torchrun every rank samples its own shard
             if world > 1:
                 args.data_range = [rank, world]
         self.shard = tuple(args.data_range) if args.data_range else None

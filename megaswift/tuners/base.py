@@ -28,6 +28,7 @@ from typing import Callable, Iterable
 import torch
 
 from megaswift.megatron.build import unwrap_model
+from megaswift.megatron.parallel import ParallelContext
 from megaswift.utils.errors import UserError
 from megaswift.utils.registry import Registry, UnknownPluginError
 
@@ -82,27 +83,26 @@ def _patterns(args):
     return freeze, train
 
 
-def _check_matched(models, matcher, flag: str) -> None:
+def _check_matched(models, matcher, flag: str, parallel: ParallelContext) -> None:
     if matcher is not None and not any(matcher(n) for n, _ in named_parameters(models)):
-        from megatron.core import parallel_state
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:  # else another stage may hold them
+        if parallel.pp_size == 1:  # else another stage may hold them
             raise TunerError(f'--{flag} matches no parameter (names look like decoder.layers.0.mlp.linear_fc1.weight, '
                              'embedding.word_embeddings.weight, output_layer.weight)')
 
 
-def prepare_full(models, args):
+def prepare_full(models, args, parallel: ParallelContext):
     freeze, train = _patterns(args)
-    _check_matched(models, freeze, 'freeze_parameters')
+    _check_matched(models, freeze, 'freeze_parameters', parallel)
     _set_trainable(models, lambda n: not (freeze and freeze(n)) or bool(train and train(n)))
     return models
 
 
-def prepare_freeze(models, args):
+def prepare_freeze(models, args, parallel: ParallelContext):
     freeze, train = _patterns(args)
     if freeze is None and train is None:
         raise TunerError('--tuner_type freeze needs --freeze_parameters (or --trainable_parameters) to say what to freeze')
-    _check_matched(models, freeze, 'freeze_parameters')
-    _check_matched(models, train, 'trainable_parameters')
+    _check_matched(models, freeze, 'freeze_parameters', parallel)
+    _check_matched(models, train, 'trainable_parameters', parallel)
     if freeze is None:
         _set_trainable(models, train)
     else:
@@ -132,12 +132,12 @@ def lora_config(args):
     return cfg
 
 
-def prepare_lora(models, args):
+def prepare_lora(models, args, parallel: ParallelContext):
     from megaswift.tuners.lora import add_lora
     cfg = lora_config(args)
     _, train = _patterns(args)
-    _check_matched(models, train, 'trainable_parameters')
-    add_lora(models, cfg)
+    _check_matched(models, train, 'trainable_parameters', parallel)
+    add_lora(models, cfg, parallel=parallel)
     _set_trainable(models, lambda n: '.lora_A.' in n or '.lora_B.' in n or bool(train and train(n)))
     _make_inputs_require_grad(models)
     return models
@@ -163,14 +163,15 @@ def _make_inputs_require_grad(models) -> None:
 tuners = Registry('tuner', {'full': prepare_full, 'lora': prepare_lora, 'freeze': prepare_freeze})
 
 
-def prepare_model(models, args):
-    """Apply ``args.tuner_type`` to ``models`` (one per virtual pipeline stage) in place; returns them."""
+def prepare_model(models, args, *, parallel: ParallelContext | None = None):
+    """Apply ``args.tuner_type`` to ``models`` (one per virtual pipeline stage) in place; returns them.
+    ``parallel``: the layout the models were built at (default: ``ParallelContext.from_megatron()``)."""
     tuner_type = getattr(args, 'tuner_type', None) or 'full'
     try:
         prepare = tuners.lookup(tuner_type, '--tuner_type')
     except UnknownPluginError as e:
         raise TunerError(str(e)) from None
-    models = prepare(models, args)
+    models = prepare(models, args, parallel if parallel is not None else ParallelContext.from_megatron())
     n_train, n_total = trainable_parameters(models)
     logger.info('tuner %s: %s of %s parameters train on this rank (%.4f%%)', tuner_type, f'{n_train:,}',
                 f'{n_total:,}', 100.0 * n_train / max(n_total, 1))

@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megaswift.megatron.build import unwrap_model
 from megaswift.megatron.convert import global_name, layer_offsets
+from megaswift.megatron.parallel import ParallelContext
 
 TARGETS = ('linear_qkv', 'linear_proj', 'linear_fc1', 'linear_fc2')
 ROW_TARGETS = ('linear_proj', 'linear_fc2')
@@ -80,12 +82,9 @@ class LoraWeight(torch.nn.Module):
         self.weight = torch.nn.Parameter(tensor)
 
 
-def _tp_group(module):
-    group = getattr(module, 'tp_group', None) or getattr(module, '_tp_group', None)  # local / TE spelling
-    if group is None:
-        from megatron.core import parallel_state
-        group = parallel_state.get_tensor_model_parallel_group()
-    return group
+def _layer_tp_group(module, parallel):
+    """The TP group of a megatron-core linear layer (local / TE spelling), else the context's."""
+    return getattr(module, 'tp_group', None) or getattr(module, '_tp_group', None) or parallel.tp_group
 
 
 class LoraParallelLinear:
@@ -93,10 +92,12 @@ class LoraParallelLinear:
 
     lora_parallel: str  # 'col' | 'row'
     lora_b_layout: str  # TP layout of B for 'col' ('col' | 'gate_up'), None for 'row'
+    lora_tp_group: object  # the base layer's TP group
+    lora_dp_cp_group: object  # the data (+ context) parallel group its replicas span
 
     @property
     def lora_tp_size(self) -> int:
-        return torch.distributed.get_world_size(_tp_group(self)) if torch.distributed.is_initialized() else 1
+        return torch.distributed.get_world_size(self.lora_tp_group) if torch.distributed.is_initialized() else 1
 
     @property
     def lora_sequence_parallel(self) -> bool:
@@ -131,7 +132,7 @@ class LoraParallelLinear:
 
     def lora_delta(self, input_, runtime_gather_output=None):
         from megatron.core.tensor_parallel import mappings as mp
-        group, tp, sp = _tp_group(self), self.lora_tp_size, self.lora_sequence_parallel
+        group, tp, sp = self.lora_tp_group, self.lora_tp_size, self.lora_sequence_parallel
         a, b = self.lora_A.weight, self.lora_B.weight
         x = self._lora_input(input_)
         if self.lora_parallel == 'col':
@@ -168,12 +169,9 @@ class LoraParallelLinear:
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        groups = {'tp_group': _tp_group(self)}
-        if metadata and metadata.get('dp_cp_group') is not None:
-            groups['dp_cp_group'] = metadata['dp_cp_group']
-        else:
-            from megatron.core import parallel_state
-            groups['dp_cp_group'] = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dp_cp_group = (metadata or {}).get('dp_cp_group')
+        groups = {'tp_group': self.lora_tp_group,
+                  'dp_cp_group': dp_cp_group if dp_cp_group is not None else self.lora_dp_cp_group}
         for name, mode in self.lora_modes().items():
             if mode is None:
                 continue  # replicated: the base class already made a replicated ShardedTensor
@@ -195,7 +193,8 @@ class LoraParallelLinear:
 
     def lora_unload(self):
         del self.lora_A, self.lora_B
-        for attr in ('lora_rank', 'lora_alpha', 'lora_scaling', 'lora_dropout_p', 'lora_parallel', 'lora_b_layout'):
+        for attr in ('lora_rank', 'lora_alpha', 'lora_scaling', 'lora_dropout_p', 'lora_parallel', 'lora_b_layout',
+                     'lora_tp_group', 'lora_dp_cp_group'):
             self.__dict__.pop(attr, None)
         self.__class__ = self._lora_base_class
 
@@ -231,10 +230,9 @@ def _init_a(module, full_in: int, rank: int, dtype, device) -> torch.Tensor:
     from megaswift.megatron.weights import shard
     full = torch.empty(rank, full_in, dtype=torch.float32, device=device)
     torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5))
-    from megatron.core import parallel_state
-    group, tp = _tp_group(module), module.lora_tp_size
+    group, tp = module.lora_tp_group, module.lora_tp_size
     # replicas (TP ranks, then data/context-parallel ranks) must start equal, whatever their RNG did
-    for g in (group, parallel_state.get_data_parallel_group(with_context_parallel=True)):
+    for g in (group, module.lora_dp_cp_group):
         if torch.distributed.get_world_size(g) > 1:
             torch.distributed.broadcast(full, torch.distributed.get_global_rank(g, 0), group=g)
     if module.lora_parallel == 'row':
@@ -242,17 +240,19 @@ def _init_a(module, full_in: int, rank: int, dtype, device) -> torch.Tensor:
     return full.to(dtype).contiguous()
 
 
-def add_lora(models, config: LoraConfig) -> list:
+def add_lora(models, config: LoraConfig, *, parallel: Optional[ParallelContext] = None) -> list:
     """Turn every targeted linear of ``models`` into a LoRA layer; returns the global names wrapped.
 
     Call after ``build_model`` (+ ``load_hf_weights``) and before DDP / optimizer creation.
     Trainability is left to the caller (``prepare_model`` freezes everything but the adapters).
+    ``parallel``: the layout the models were built at (default: ``ParallelContext.from_megatron()``).
     """
     from megatron.core import tensor_parallel
     if config.rank < 1:
         raise LoraError(f'--lora_rank must be >= 1, got {config.rank}')
     if not 0 <= config.dropout < 1:
         raise LoraError(f'--lora_dropout must be in [0, 1), got {config.dropout}')
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
     wrapped = []
     for model in models:
         model = unwrap_model(model)
@@ -269,6 +269,7 @@ def add_lora(models, config: LoraConfig) -> list:
             if rule is None or getattr(module, 'weight', None) is None:
                 raise LoraError(f'cannot add LoRA to {gname!r} ({type(module).__name__}): no weight rule maps it')
             weight = module.weight
+            module.lora_tp_group, module.lora_dp_cp_group = _layer_tp_group(module, parallel), parallel.dp_cp_group
             module.__class__ = _lora_class(type(module))
             module.lora_parallel = 'row' if target in ROW_TARGETS else 'col'
             module.lora_b_layout = rule.tp if module.lora_parallel == 'col' else None

@@ -14,22 +14,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megaswift.megatron.build import unwrap_model
+from megaswift.megatron.parallel import ParallelContext
 from megaswift.megatron.weights import shard, split_qkv, unshard
 from megaswift.tuners.lora import LoraError, lora_modules
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 PEFT_PREFIX = 'base_model.model.'
-
-
-def _tp():
-    from megatron.core import parallel_state
-    group = parallel_state.get_tensor_model_parallel_group()
-    return group, torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 def _gather_tp(t: torch.Tensor, mode, group, size: int) -> torch.Tensor:
@@ -48,14 +44,15 @@ def _sort_key(name: str):
 
 
 @torch.no_grad()
-def lora_state_dict(models, *, value=None) -> dict:
+def lora_state_dict(models, *, value=None, parallel: Optional[ParallelContext] = None) -> dict:
     """Full adapter tensors on global rank 0 ({} elsewhere); every rank must call it.
 
     ``value``: param -> tensor to collect instead of the weight (e.g. ``lambda p: p.grad``).
+    ``parallel``: the layout the models were built at (default: ``ParallelContext.from_megatron()``).
     """
-    from megatron.core import parallel_state
-    group, tp_rank, tp_size = _tp()
-    keep = tp_rank == 0 and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
+    group, tp_size = parallel.tp_group, parallel.tp_size
+    keep = parallel.tp_rank == 0 and torch.distributed.get_rank(parallel.dp_cp_group) == 0
     local = {}
     for gname, module, _ in lora_modules(models):
         for key, mode in module.lora_modes().items():
@@ -66,10 +63,9 @@ def lora_state_dict(models, *, value=None) -> dict:
             full = _gather_tp(t.detach(), mode, group, tp_size)
             if keep:
                 local[f'{gname}.{key}'] = full.to('cpu', copy=True)
-    world = torch.distributed.get_world_size()
-    if world == 1:
+    if parallel.world_size == 1:
         return dict(sorted(local.items(), key=lambda kv: _sort_key(kv[0])))
-    gathered = [None] * world if torch.distributed.get_rank() == 0 else None
+    gathered = [None] * parallel.world_size if parallel.rank == 0 else None
     torch.distributed.gather_object(local, gathered, dst=0)
     if gathered is None:
         return {}
@@ -78,10 +74,11 @@ def lora_state_dict(models, *, value=None) -> dict:
 
 
 @torch.no_grad()
-def load_lora_state_dict(models, state_dict: dict) -> None:
+def load_lora_state_dict(models, state_dict: dict, *, parallel: Optional[ParallelContext] = None) -> None:
     """Copy this rank's shard of each full adapter tensor in ``state_dict`` (as ``lora_state_dict``
     returns it, given to every rank) into ``models``. Missing keys or wrong shapes raise ``LoraError``."""
-    _, tp_rank, tp_size = _tp()
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
+    tp_rank, tp_size = parallel.tp_rank, parallel.tp_size
     missing = []
     for gname, module, _ in lora_modules(models):
         for key, mode in module.lora_modes().items():
@@ -122,7 +119,7 @@ def to_peft_tensors(state_dict: dict, model) -> tuple:
     return tensors, sorted(targets)
 
 
-def export_peft_adapter(models, output_dir, hf_config=None) -> str:
+def export_peft_adapter(models, output_dir, hf_config=None, *, parallel: Optional[ParallelContext] = None) -> str:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format, HF names) to
     ``output_dir`` on global rank 0; every rank must call it. Returns the directory."""
     from safetensors.torch import save_file
@@ -131,9 +128,10 @@ def export_peft_adapter(models, output_dir, hf_config=None) -> str:
     if config is None:
         raise LoraError('export_peft_adapter: the models have no LoRA adapters (prepare_model with tuner_type lora)')
     hf_config = hf_config if hf_config is not None else first.megaswift_info.hf_config
-    sd = lora_state_dict(models)
+    parallel = parallel if parallel is not None else ParallelContext.from_megatron()
+    sd = lora_state_dict(models, parallel=parallel)
     out = Path(output_dir)
-    if torch.distributed.get_rank() == 0:
+    if parallel.rank == 0:
         tensors, targets = to_peft_tensors(sd, first)
         out.mkdir(parents=True, exist_ok=True)
         adapter_config = {
@@ -148,6 +146,6 @@ def export_peft_adapter(models, output_dir, hf_config=None) -> str:
         save_file(tensors, str(tmp), metadata={'format': 'pt'})
         os.replace(tmp, out / ADAPTER_WEIGHTS)
         (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + '\n')
-    if torch.distributed.get_world_size() > 1:
+    if parallel.world_size > 1:
         torch.distributed.barrier()
     return str(out)

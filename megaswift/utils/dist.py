@@ -1,17 +1,47 @@
-"""This process's place in torch.distributed, usable whether or not a process group exists."""
+"""This process's place in the launch: from ``torch.distributed`` once a process group exists, before that
+from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``); a plain
+``python`` launch is rank 0 of a world of one. The one place megaswift reads these.
+
+Cheap to call at argument-parsing time: torch is not imported here (no process group can exist before
+``torch.distributed`` is).
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 
 def initialized_dist():
     """``torch.distributed`` when a default process group exists, else None."""
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() else None
+    dist = sys.modules.get('torch.distributed')
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, '') else default
 
 
 def rank() -> int:
-    """The global rank (0 without a process group)."""
+    """The global rank."""
     dist = initialized_dist()
-    return dist.get_rank() if dist else 0
+    return dist.get_rank() if dist else _env_int('RANK', 0)
+
+
+def world_size() -> int:
+    """The number of processes in the launch."""
+    dist = initialized_dist()
+    return dist.get_world_size() if dist else _env_int('WORLD_SIZE', 1)
+
+
+def local_rank() -> int:
+    """The rank on this node (torch.distributed does not know it: always from the environment)."""
+    return _env_int('LOCAL_RANK', 0)
+
+
+def local_world_size() -> int:
+    """The number of processes on this node."""
+    return _env_int('LOCAL_WORLD_SIZE', 1)
 
 
 def barrier() -> None:

@@ -5,11 +5,12 @@ import logging
 import os
 import warnings
 
+from .dist import rank, world_size
+
 
 def setup_logging(level: str | None = None) -> None:
     level = (level or os.environ.get('MEGASWIFT_LOG_LEVEL', 'INFO')).upper()
-    rank = os.environ.get('RANK')
-    prefix = f'[megaswift rank{rank}]' if rank is not None and os.environ.get('WORLD_SIZE', '1') != '1' else '[megaswift]'
+    prefix = f'[megaswift rank{rank()}]' if world_size() > 1 else '[megaswift]'
     logging.basicConfig(format=f'{prefix} %(levelname)s %(asctime)s %(name)s: %(message)s', datefmt='%H:%M:%S',
                         level=logging.WARNING)
     logging.getLogger('megaswift').setLevel(level)

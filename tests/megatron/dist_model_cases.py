@@ -92,18 +92,50 @@ def layout(tp=1, pp=1, vpp=None, sp=False):
     return initialize_parallel(ParallelConfig(tp, pp, vpp, sp))
 
 
-def load(path, **kw):
+def context_vs_megatron(ctx):
+    """Every ParallelContext field next to what megatron-core's parallel_state says; [] when all agree."""
+    from megatron.core import parallel_state as ps
+    dist = torch.distributed
+    expected = {
+        'tp_group': ps.get_tensor_model_parallel_group(), 'pp_group': ps.get_pipeline_model_parallel_group(),
+        'dp_group': ps.get_data_parallel_group(),
+        'dp_cp_group': ps.get_data_parallel_group(with_context_parallel=True),
+        'tp_size': ps.get_tensor_model_parallel_world_size(), 'pp_size': ps.get_pipeline_model_parallel_world_size(),
+        'dp_size': ps.get_data_parallel_world_size(), 'vpp_size': ps.get_virtual_pipeline_model_parallel_world_size(),
+        'tp_rank': ps.get_tensor_model_parallel_rank(), 'pp_rank': ps.get_pipeline_model_parallel_rank(),
+        'dp_rank': ps.get_data_parallel_rank(), 'rank': dist.get_rank(), 'world_size': dist.get_world_size(),
+        'is_first_stage': ps.is_pipeline_first_stage(ignore_virtual=True),
+        'is_last_stage': ps.is_pipeline_last_stage(ignore_virtual=True),
+        'pp_last_rank': ps.get_pipeline_model_parallel_last_rank()}
+    config = ctx.config
+    expected_config = (expected['tp_size'], expected['pp_size'], expected['vpp_size'], ctx.sequence_parallel)
+    mismatched = [f'{k}: {getattr(ctx, k)!r} != {v!r}' for k, v in expected.items() if getattr(ctx, k) != v]
+    if (config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+            config.virtual_pipeline_model_parallel_size, config.sequence_parallel) != expected_config:
+        mismatched.append(f'config: {config} != {expected_config}')
+    layout = {'tensor_model_parallel_size': expected['tp_size'], 'pipeline_model_parallel_size': expected['pp_size'],
+              'virtual_pipeline_model_parallel_size': expected['vpp_size'], 'data_parallel_size': expected['dp_size'],
+              'world_size': expected['world_size']}
+    if ctx.layout() != layout:
+        mismatched.append(f'layout: {ctx.layout()} != {layout}')
+    return {'mismatched': mismatched, 'sizes': [ctx.tp_size, ctx.pp_size, ctx.dp_size, ctx.vpp_size],
+            'sequence_parallel': ctx.sequence_parallel}
+
+
+def load(path, parallel=None, **kw):
+    """The HF model at ``path`` built and loaded at ``parallel`` (None: the context megatron-core's state gives,
+    which cannot know sequence parallelism)."""
     from transformers import AutoConfig
 
     from megaswift.megatron import build_model, load_hf_weights
-    models = build_model(AutoConfig.from_pretrained(path), **kw)
-    load_hf_weights(models, path)
+    models = build_model(AutoConfig.from_pretrained(path), parallel=parallel, **kw)
+    load_hf_weights(models, path, parallel=parallel)
     return models
 
 
-def load_or_record(case, path):
+def load_or_record(case, path, parallel=None):
     try:
-        return load(path)
+        return load(path, parallel)
     except Exception as exc:  # noqa: BLE001
         results[f'{case}/load'] = {'error': f'{type(exc).__name__}: {exc}', 'traceback': traceback.format_exc()[-3000:]}
         return None
@@ -272,11 +304,12 @@ def world2(m, tmp):
                             ('pp2', dict(pp=2), ('parity', 'roundtrip')),
                             ('tp2sp', dict(tp=2, sp=True), ('parity', 'packed')),
                             ('dp2', dict(), ('roundtrip',))):
-        layout(**kw)
+        ctx = layout(**kw)
+        record(f'{lay}/context', lambda: context_vs_megatron(ctx))
         for name in names:
             if lay in ('tp2sp', 'dp2') and name not in ('llama_tied', 'qwen3'):
                 continue
-            models = load_or_record(f'{lay}/{name}', m[name])
+            models = load_or_record(f'{lay}/{name}', m[name], ctx)
             if models is None:
                 continue
             if 'parity' in checks:
@@ -291,11 +324,12 @@ def world2(m, tmp):
                 record(f'{lay}/{name}/sp_norms', lambda: {'tagged': sorted(
                     {bool(getattr(p, 'sequence_parallel', False)) for n, p in models[0].named_parameters()
                      if 'layernorm' in n})})
-    layout(tp=2, sp=True)
-    record('tp2sp/negative/untagged_norm_grads', lambda: grads(load(m['llama_tied']), m['llama_tied'], True))
+    ctx = layout(tp=2, sp=True)
+    record('tp2sp/negative/untagged_norm_grads', lambda: grads(load(m['llama_tied'], ctx), m['llama_tied'], True))
     layout(pp=2)
     record('pp2/llama_untied/packed', lambda: packed(load(m['llama_untied']), m['llama_untied']))
-    layout(pp=2, vpp=2)
+    ctx = layout(pp=2, vpp=2)
+    record('pp2vpp2/context', lambda: context_vs_megatron(ctx))
     vmodels = load(m['llama_untied'])
     record('pp2vpp2/llama_untied/parity', lambda: parity(vmodels, m['llama_untied']))
     record('pp2vpp2/llama_untied/roundtrip', lambda: roundtrip(vmodels, m['llama_untied']))

@@ -192,7 +192,7 @@ def test_tp_size_not_dividing_heads(run_cli, tiny_llama2kv, tmp_path):
     out = tmp_path / 'out'
     proc = run_cli(['export', '--model', tiny_llama2kv, '--to_mcore', 'true', '--output_dir', out,
                     '--tensor_model_parallel_size', '4'], check=False)
-    assert_clean_failure(proc, out, 'num_attention_heads (2)', '--tensor_model_parallel_size 4')
+    assert_clean_failure(proc, out, 'num_attention_heads (2)', '--tensor_model_parallel_size (4)')
 
 
 def test_missing_safetensors_shard(run_cli, tiny_qwen2, tmp_path):

@@ -150,7 +150,18 @@ def test_tp_not_dividing_heads(results):
     assert 'num_key_value_heads (1)' in e['message'] and '--tensor_model_parallel_size (2)' in e['message']
 
 
+@pytest.mark.parametrize('lay, sizes, sp', [('tp2', [2, 1, 1, None], False), ('pp2', [1, 2, 1, None], False),
+                                            ('tp2sp', [2, 1, 1, None], True), ('dp2', [1, 1, 2, None], False),
+                                            ('pp2vpp2', [1, 2, 1, 2], False)])
+def test_parallel_context_equals_megatron_state(results, lay, sizes, sp):
+    """initialize_parallel's ParallelContext: every field as megatron-core's parallel_state says, on each rank."""
+    entries = _entries(results, f'{lay}/context')
+    assert len(entries) == 2
+    for e in entries:
+        assert e['mismatched'] == [] and e['sizes'] == sizes and e['sequence_parallel'] is sp, e
+
+
 def test_world_size_not_divisible(results):
     e = _error(results, 'tp1/errors/world_size')
-    assert e['raised'] == 'ValueError'
-    assert 'world size 1' in e['message'] and '--tensor_model_parallel_size (2)' in e['message']
+    assert e['raised'] == 'ParallelLayoutError'
+    assert '1 process(es) cannot hold --tensor_model_parallel_size 2' in e['message']

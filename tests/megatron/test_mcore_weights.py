@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megaswift.megatron import weights as W
-from megaswift.megatron.model import ParallelLayoutError, UnsupportedModelError, get_model_family, model_families
+from megaswift.megatron.layout import ParallelLayoutError, validate_layout
+from megaswift.megatron.model import UnsupportedModelError, get_model_family, model_families
 from megaswift.megatron.parallel import ParallelConfig
 
 
@@ -95,15 +96,14 @@ def test_layout_validation_names_field_and_sizes():
     from transformers import LlamaConfig
     cfg = LlamaConfig(num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2, hidden_size=256,
                       intermediate_size=512)
-    family = get_model_family(cfg)
-    family.validate_parallel(cfg, 2, 3)
+    validate_layout(2, 3, hf_config=cfg)
     with pytest.raises(ParallelLayoutError, match=r'num_key_value_heads \(2\) is not divisible by '
                                                   r'--tensor_model_parallel_size \(4\)'):
-        family.validate_parallel(cfg, 4, 1)
+        validate_layout(4, 1, hf_config=cfg)
     with pytest.raises(ParallelLayoutError, match=r'num_hidden_layers \(6\) is not divisible by '
                                                   r'--pipeline_model_parallel_size \(2\) x '
                                                   r'--virtual_pipeline_model_parallel_size \(2\) = 4'):
-        family.validate_parallel(cfg, 1, 2, 2)
+        validate_layout(1, 2, 2, hf_config=cfg)
 
 
 def test_parallel_config_validation():

@@ -36,17 +36,21 @@ def record(name, fn):
         results[name] = {'error': f'{type(exc).__name__}: {exc}', 'traceback': traceback.format_exc()[-3000:]}
 
 
+current = {}  # 'parallel': the ParallelContext of the last layout(); models are built at it
+
+
 def layout(tp=1, pp=1, sp=False):
     from megaswift.megatron import ParallelConfig, initialize_parallel
-    initialize_parallel(ParallelConfig(tp, pp, None, sp), seed=1234)
+    current['parallel'] = initialize_parallel(ParallelConfig(tp, pp, None, sp), seed=1234)
 
 
 def load(path, **kw):
+    """Built at the current layout's context (megatron-core's state alone does not know sequence parallelism)."""
     from transformers import AutoConfig
 
     from megaswift.megatron import build_model, load_hf_weights
-    models = build_model(AutoConfig.from_pretrained(path), **kw)
-    load_hf_weights(models, path)
+    models = build_model(AutoConfig.from_pretrained(path), parallel=current['parallel'], **kw)
+    load_hf_weights(models, path, parallel=current['parallel'])
     return models
 
 

@@ -22,10 +22,6 @@ class UnsupportedModelError(ValueError):
     pass
 
 
-class ParallelLayoutError(ValueError):
-    pass
-
-
 def _default_layer_spec(config, use_te=None):
     from megaswift.megatron.spec import layer_spec
     return layer_spec(config, use_te)
@@ -79,22 +75,6 @@ class ModelFamily:
         if self.config_hook is not None:
             self.config_hook(hf_config, kwargs)
         return kwargs
-
-    def validate_parallel(self, hf_config, tp: int, pp: int, vpp: Optional[int] = None) -> None:
-        """One clear error for a parallel layout the model cannot be split into."""
-        checks = [('num_attention_heads', hf_config.num_attention_heads, tp, '--tensor_model_parallel_size'),
-                  ('num_key_value_heads', num_kv_heads(hf_config), tp, '--tensor_model_parallel_size'),
-                  ('intermediate_size', hf_config.intermediate_size, tp, '--tensor_model_parallel_size')]
-        stages = pp * (vpp or 1)
-        what = f'--pipeline_model_parallel_size ({pp})' + (
-            f' x --virtual_pipeline_model_parallel_size ({vpp})' if vpp else '')
-        for field_name, value, size, flag in checks:
-            if value % size:
-                raise ParallelLayoutError(f'{self.model_type}: {field_name} ({value}) is not divisible by '
-                                          f'{flag} ({size})')
-        if hf_config.num_hidden_layers % stages:
-            raise ParallelLayoutError(f'{self.model_type}: num_hidden_layers ({hf_config.num_hidden_layers}) is '
-                                      f'not divisible by {what} = {stages}')
 
 
 def register_model_family(family: ModelFamily) -> ModelFamily:
