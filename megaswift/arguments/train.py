@@ -184,6 +184,9 @@ class TrainLoopArguments:
     # the LM head + loss: auto (cuda kernel on GPU when built, else chunked), torch (materialised logits, megatron-
     # core's vocab-parallel CE), chunked (megaswift.ops, no N x V logits), cuda (megaswift.ops + csrc kernels)
     cross_entropy_impl: str = 'auto'
+    # the training objective, a name in megaswift.trainers.objectives.losses (ms-swift's flag for a custom loss);
+    # default 'sft' (checked in preflight, after --external_plugins registered theirs)
+    loss_type: str | None = None
 
     def _check(self):
         if self.max_steps is not None and self.max_steps < 1:

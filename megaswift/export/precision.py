@@ -54,16 +54,17 @@ def mcore_logits(models, input_ids: torch.Tensor, vocab_size: int, *,
     """
     import torch.distributed as dist
     from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from ..megatron.forward import model_forward, run_schedule
 
     parallel = parallel if parallel is not None else ParallelContext.from_megatron()
-    rows = list(input_ids.split(1))
-    pp = parallel.pp_size
-    n_real = len(rows)
-    if len(models) > 1 and len(rows) % pp:  # the interleaved schedule needs a multiple of PP micro-batches
-        rows += [rows[-1]] * (pp - len(rows) % pp)
     seq = input_ids.size(1)
     position_ids = torch.arange(seq).unsqueeze(0)
+    batches = [{'input_ids': row, 'position_ids': position_ids} for row in input_ids.split(1)]
+    n_real = len(batches)
+    pp = parallel.pp_size
+    if len(models) > 1 and len(batches) % pp:  # the interleaved schedule needs a multiple of PP micro-batches
+        batches += [batches[-1]] * (pp - len(batches) % pp)
     tp = parallel.tp_size
 
     def loss_func(output):
@@ -74,14 +75,10 @@ def mcore_logits(models, input_ids: torch.Tensor, vocab_size: int, *,
         return logits.sum() * 0.0, {'logits': logits.detach().clone()}
 
     def forward_step(data_iterator, model):
-        ids = next(data_iterator)
-        return model(ids, position_ids, None), loss_func
+        return model_forward(model, next(data_iterator)), loss_func
 
-    iterators = [iter(list(rows)) for _ in models]
     with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iterators if len(models) > 1 else iterators[0],
-            model=models, num_microbatches=len(rows), seq_length=seq, micro_batch_size=1, forward_only=True)
+        out = run_schedule(models, batches, forward_step, forward_only=True)
     have = parallel.is_last_stage and parallel.tp_rank == 0 and parallel.dp_rank == 0
     mine = torch.cat([o['logits'] for o in out][:n_real]) if have and out else None
     if parallel.world_size == 1:

@@ -15,7 +15,6 @@ from ..utils.lazy import lazy_getattr
 _LAZY = {
     'ParallelConfig': 'layout', 'ParallelLayoutError': 'layout', 'validate_layout': 'layout',
     'ParallelContext': 'parallel', 'initialize_parallel': 'parallel', 'destroy_parallel': 'parallel',
-    'current_parallel_config': 'parallel',
     'model_families': 'model', 'ModelFamily': 'model', 'get_model_family': 'model',
     'register_model_family': 'model', 'UnsupportedModelError': 'model',
     'layer_spec': 'spec', 'local_layer_spec': 'spec', 'SDPAttention': 'spec', 'RMSNorm': 'spec',

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from megaswift.megatron.layout import ParallelConfig, validate_layout
+from megaswift.megatron.layout import validate_layout
 from megaswift.megatron.model import ModelFamily, get_model_family
 from megaswift.megatron.model.registry import build_transformer_config, gpt_model_kwargs, tie_word_embeddings
 from megaswift.megatron.parallel import ParallelContext
@@ -41,14 +41,13 @@ def unwrap_model(model):
 
 
 def build_model(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Optional[bool] = None,
-                parallel: Optional[ParallelContext] = None, parallel_config: Optional[ParallelConfig] = None,
+                parallel: Optional[ParallelContext] = None,
                 make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY,
                 config_overrides: Optional[dict] = None) -> list:
     """One ``GPTModel`` per virtual pipeline stage held by this rank (one without VPP).
 
-    The layout is ``parallel`` (default: ``ParallelContext.from_megatron()``), validated against the
-    model before anything is built. ``parallel_config`` (sizes and sequence parallelism) is the trainer's
-    until it passes ``parallel``; its sizes must be the context's. Parameters are plain tensors in
+    The layout is ``parallel`` (default: ``ParallelContext.from_megatron()``, without sequence parallelism),
+    validated against the model before anything is built. Parameters are plain tensors in
     ``dtype`` (no Float16Module), on CPU when CUDA is absent. The vocab is padded to a multiple of
     ``make_vocab_size_divisible_by * tp`` (``model.megaswift_info.padded_vocab_size``; logits past
     ``vocab_size`` are padding). Weights are random until ``load_hf_weights``.
@@ -61,13 +60,10 @@ def build_model(hf_config, *, dtype: torch.dtype = torch.float32, use_te: Option
 
     family = get_model_family(hf_config)
     ctx = parallel if parallel is not None else ParallelContext.from_megatron()
-    pcfg = parallel_config if parallel_config is not None else ctx.config
+    pcfg = ctx.config
     tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
     vpp = pcfg.virtual_pipeline_model_parallel_size
     validate_layout(tp, pp, vpp, hf_config=hf_config)
-    if (ctx.tp_size, ctx.pp_size) != (tp, pp):
-        raise ValueError(f'parallel_config (tp={tp}, pp={pp}) differs from the initialised parallel state '
-                         f'(tp={ctx.tp_size}, pp={ctx.pp_size})')
     if not torch.cuda.is_available():
         from megaswift.megatron import cpu_compat
         cpu_compat.apply()

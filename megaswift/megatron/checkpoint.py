@@ -25,7 +25,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -64,11 +63,6 @@ def _any_rank_failed(failed: bool) -> bool:
     flag = torch.tensor([int(failed)])
     dist.all_reduce(flag)
     return bool(flag.item())
-
-
-def current_layout() -> dict[str, Any]:
-    """``ParallelContext.from_megatron().layout()``; the trainer's until it records its context's layout."""
-    return ParallelContext.from_megatron().layout()
 
 
 def _sharded_state_dict(models) -> dict:
@@ -170,7 +164,7 @@ def save_mcore_checkpoint(models, output_dir: str | os.PathLike, hf_config, extr
     cpu_compat.apply()  # dist_checkpointing.save synchronises CUDA streams; a no-op with CUDA
     root = Path(output_dir).resolve()
     sub = _iteration_dir_name(iteration)
-    meta = _meta(models, hf_config, extra_meta, sub, parallel.layout() if parallel is not None else current_layout())
+    meta = _meta(models, hf_config, extra_meta, sub, (parallel or ParallelContext.from_megatron()).layout())
     with distributed_atomic_directory(root if iteration is None else root / sub) as tmp:
         ckpt = tmp / sub if iteration is None else tmp
         if rank() == 0:

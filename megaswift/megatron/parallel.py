@@ -114,12 +114,6 @@ def initialize_parallel(cfg: Optional[ParallelConfig] = None, seed: int = 42) ->
     return ParallelContext.from_megatron(sequence_parallel=cfg.sequence_parallel)
 
 
-def current_parallel_config() -> ParallelConfig:
-    """The sizes of megatron-core's current parallel state (sequence parallelism off: megatron-core does
-    not record it). Kept for the trainer until it takes the ``ParallelContext`` of ``initialize_parallel``."""
-    return ParallelContext.from_megatron().config
-
-
 def destroy_parallel(destroy_process_group: bool = False) -> None:
     """Drop megatron-core's groups (and, when asked, the torch.distributed world)."""
     from megatron.core import parallel_state

@@ -71,7 +71,10 @@ def preflight(args) -> Plan:
                             f'--resume_from_checkpoint true to continue that run, --overwrite_output_dir true to '
                             f'start over there, or another --output_dir')
     from ..trainers.generate import check_generation_layout
-    from ..trainers.loop import build_eval_metrics
+    from ..trainers.eval_metrics import build_eval_metrics
+    from ..trainers.loop import objective_name
+    from ..trainers.objectives import losses
+    losses.lookup(objective_name(args), flag='--loss_type')  # an unknown objective fails before any model is built
     # unknown or unusable --eval_metric fail here, not after the model is built
     check_generation_layout(build_eval_metrics(list(args.eval_metric)), args)
     if args.mcore_model and not os.path.isdir(args.mcore_model):
@@ -152,13 +155,8 @@ def prepare_data(args, plan: Plan):
 
 def build_callback_list(args) -> list:
     """``megaswift.callbacks``: the defaults (progress/log lines, logging.jsonl, loss curve) + --callbacks +
-    --report_to. Without that package the trainer prints and writes logging.jsonl itself."""
-    try:
-        from ..callbacks import build_callbacks
-    except ImportError as e:
-        if args.callbacks or args.report_to:
-            raise ArgumentError(f'--callbacks/--report_to: megaswift.callbacks cannot be imported ({e})') from None
-        return []
+    --report_to; the one place training logs are printed and written."""
+    from ..callbacks import build_callbacks
     return list(build_callbacks(list(args.callbacks), args))
 
 
@@ -180,15 +178,16 @@ def train_main(args):
     plan = preflight(args)
     from ..megatron import ParallelConfig, destroy_parallel, initialize_parallel
     owns_world = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    initialize_parallel(ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                                       args.virtual_pipeline_model_parallel_size, args.sequence_parallel),
-                        seed=args.seed)
+    parallel = initialize_parallel(ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                                                  args.virtual_pipeline_model_parallel_size, args.sequence_parallel),
+                                   seed=args.seed)
     try:
         _seed_everything(args.seed)
         from ..trainers.checkpoint import remove_partial_saves
         from ..trainers.loop import Trainer
         data, max_steps = prepare_data(args, plan)
-        trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args))
+        trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args),
+                          parallel=parallel)
         output_dir = Path(args.output_dir)
         if torch.distributed.get_rank() == 0:
             output_dir.mkdir(parents=True, exist_ok=True)

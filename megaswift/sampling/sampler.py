@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from ..arguments.sampling import SamplingArguments
 from ..dataset import load_dataset
 from ..infer_engine import RequestConfig, get_infer_engine
 from ..rewards import get_orm, get_prm, reduce_reward
@@ -33,7 +32,8 @@ def shard_bounds(num_rows: int, shard: tuple[int, int] | None) -> tuple[int, int
 
 
 class Sampler:
-    def __init__(self, args: SamplingArguments):
+    def __init__(self, args):
+        """``args``: a ``SamplingArguments`` (``megaswift.arguments.sampling``) or any object with its fields."""
         self.args = args
         if not args.data_range:
             rank, world = dist.rank(), dist.world_size()  # under torchrun every rank samples its own shard

@@ -23,14 +23,17 @@ import logging
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from ..megatron.checkpoint import (FORMAT, FORMAT_VERSION, META_FILE, TRACKER_FILE, CheckpointError, apply_umask,
-                                   copy_hf_side_files, current_layout, distributed_atomic_directory,
+                                   copy_hf_side_files, distributed_atomic_directory,
                                    resolve_checkpoint_dir)
+from ..megatron.build import unwrap_model
 from ..utils.dist import barrier, rank
 from ..utils.paths import atomic_write_text
 
@@ -72,50 +75,62 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _meta(trainer, step: int) -> dict:
+@dataclass
+class CheckpointParts:
+    """What a training checkpoint is made of (the trainer hands these over; this module knows no trainer)."""
+    models: list            # this rank's DDP-wrapped model chunks
+    optimizer: Any          # megatron-core optimizer
+    args: Any               # output_dir, save/load flags, model, command, tuner_type
+    hf_config: Any
+    model_dir: Optional[str]
+    dtype: torch.dtype
+    layout: dict            # ParallelContext.layout(): RNG states are restored only at the same layout
+
+
+def _meta(parts: CheckpointParts, step: int) -> dict:
     import megaswift
     return {'format': FORMAT, 'format_version': FORMAT_VERSION, 'megaswift_version': megaswift.__version__,
-            'iteration': f'iter_{step:07d}', 'layout': current_layout(),
-            'dtype': str(trainer.dtype).replace('torch.', ''),
-            'hf_config': trainer.hf_config.to_dict(), 'source_model': trainer.args.model,
-            'trained_by': f'megaswift {trainer.args.command}', 'tuner_type': trainer.args.tuner_type}
+            'iteration': f'iter_{step:07d}', 'layout': parts.layout,
+            'dtype': str(parts.dtype).replace('torch.', ''),
+            'hf_config': parts.hf_config.to_dict(), 'source_model': parts.args.model,
+            'trained_by': f'megaswift {parts.args.command}', 'tuner_type': parts.args.tuner_type}
 
 
-def save_checkpoint(trainer) -> str:
-    """Save the trainer's current step under ``args.output_dir``; every rank must call this. Returns the dir."""
+def save_checkpoint(parts: CheckpointParts, step: int, trainer_state: dict) -> str:
+    """Save step ``step`` (``trainer_state``: the loop's JSON state) under ``args.output_dir``; every rank must call
+    this. Returns the dir."""
     from megatron.core import dist_checkpointing
-    args, step = trainer.args, trainer.state.global_step
+    args = parts.args
     root = Path(args.output_dir).resolve()
     final = root / f'iter_{step:07d}'
-    meta = _meta(trainer, step)
+    meta = _meta(parts, step)
     with distributed_atomic_directory(final) as tmp:
-        model_sd = _model_sharded_state_dict(trainer.models)
+        model_sd = _model_sharded_state_dict(parts.models)
         dist_checkpointing.save(model_sd, str(tmp), sharded_strategy=('torch_dist', 1))
         if rank() == 0:
             for sub in ('optim', 'rng'):
                 (tmp / sub).mkdir(exist_ok=True)
         barrier()
         if not args.no_save_optim:
-            _init_optimizer_states(trainer.optimizer)  # no-op after a successful step; else (fp16 skips) zeros
+            _init_optimizer_states(parts.optimizer)  # no-op after a successful step; else (fp16 skips) zeros
             # a fresh model state dict: saving applied its factories in place (the optimizer maps params by identity)
-            optim_sd = trainer.optimizer.sharded_state_dict(_model_sharded_state_dict(trainer.models),
+            optim_sd = parts.optimizer.sharded_state_dict(_model_sharded_state_dict(parts.models),
                                                             metadata=OPTIM_METADATA)
             dist_checkpointing.save(optim_sd, str(tmp / 'optim'), sharded_strategy=('torch_dist', 1))
         torch.save(rng_state(), tmp / 'rng' / f'rank_{rank():05d}.pt')
         if rank() == 0:
-            state = trainer.state_dict()
-            _write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=str) + '\n')
+            _write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str) + '\n')
             _write_text(tmp / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')
     if rank() == 0:
         _write_text(root / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')
-        if trainer.model_dir:
-            copy_hf_side_files(trainer.model_dir, root)
+        if parts.model_dir:
+            copy_hf_side_files(parts.model_dir, root)
         if not (root / 'config.json').exists():
-            trainer.hf_config.save_pretrained(root)
+            parts.hf_config.save_pretrained(root)
         _write_text(root / TRACKER_FILE, str(step))  # only now does this step count as the latest
     barrier()
     if args.save_safetensors:
-        save_hf_weights(trainer, root / f'checkpoint-{step}')
+        save_hf_weights(parts, root / f'checkpoint-{step}')
     if rank() == 0 and args.save_total_limit:
         rotate_checkpoints(root, args.save_total_limit)
     barrier()
@@ -123,28 +138,28 @@ def save_checkpoint(trainer) -> str:
     return str(final)
 
 
-def save_hf_weights(trainer, out_dir: Path) -> None:
+def save_hf_weights(parts: CheckpointParts, out_dir: Path) -> None:
     """HF safetensors + config + tokenizer of the current weights (every rank iterates: collectives inside);
     with LoRA, the PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``) instead."""
     from ..export.hf_writer import ShardedSafetensorsWriter
     from ..megatron import iter_hf_weights
-    tied = bool(getattr(trainer.hf_config, 'tie_word_embeddings', False))
-    if getattr(trainer.models_unwrapped[0], 'megaswift_lora', None) is not None:
+    tied = bool(getattr(parts.hf_config, 'tie_word_embeddings', False))
+    if getattr(unwrap_model(parts.models[0]), 'megaswift_lora', None) is not None:
         from ..tuners import export_peft_adapter
         with distributed_atomic_directory(out_dir) as tmp:
-            export_peft_adapter(trainer.models, tmp, trainer.hf_config)
+            export_peft_adapter(parts.models, tmp, parts.hf_config)
         return
     with distributed_atomic_directory(out_dir) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, 5 * 10**9, trainer.dtype) if rank() == 0 else None
-        for name, tensor in iter_hf_weights(trainer.models):
+        writer = ShardedSafetensorsWriter(tmp, 5 * 10**9, parts.dtype) if rank() == 0 else None
+        for name, tensor in iter_hf_weights(parts.models):
             if writer is not None and not (tied and name == 'lm_head.weight'):
                 writer.add(name, tensor)
         if writer is not None:
             writer.close()
-            if trainer.model_dir:
-                copy_hf_side_files(trainer.model_dir, tmp)
-            cfg = trainer.hf_config
-            cfg.dtype = trainer.dtype
+            if parts.model_dir:
+                copy_hf_side_files(parts.model_dir, tmp)
+            cfg = parts.hf_config
+            cfg.dtype = parts.dtype
             cfg.save_pretrained(tmp)
 
 
@@ -269,59 +284,45 @@ def check_optimizer_compatible(state: dict, args, path: Path) -> None:
                               f'--no_load_optim true to continue with a fresh optimizer')
 
 
-def load_checkpoint(trainer, path: Path) -> dict:
-    """Restore model, optimizer, scheduler, RNG and data position from ``path`` (an ``iter_*`` directory)."""
+def load_checkpoint(parts: CheckpointParts, path: Path) -> dict:
+    """Restore model, optimizer and RNG from ``path`` (an ``iter_*`` directory); returns the loop's saved state
+    (step, scheduler, data position) for the trainer to apply."""
     from megatron.core import dist_checkpointing
 
     from ..megatron.checkpoint import load_mcore_checkpoint
     state = read_trainer_state(path)
-    check_optimizer_compatible(state, trainer.args, path)
-    load_mcore_checkpoint(trainer.models_unwrapped, path)
-    trainer.optimizer.reload_model_params()
-    if getattr(trainer.args, 'no_load_optim', False):
+    check_optimizer_compatible(state, parts.args, path)
+    load_mcore_checkpoint([unwrap_model(m) for m in parts.models], path)
+    parts.optimizer.reload_model_params()
+    if getattr(parts.args, 'no_load_optim', False):
         logger.warning('--no_load_optim: the optimizer starts fresh (model, scheduler and data position resume)')
     elif (path / 'optim' / 'metadata.json').is_file():
-        model_sd = _model_sharded_state_dict(trainer.models)
-        _init_optimizer_states(trainer.optimizer)
-        optim_sd = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+        model_sd = _model_sharded_state_dict(parts.models)
+        _init_optimizer_states(parts.optimizer)
+        optim_sd = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
         try:
             loaded = dist_checkpointing.load(optim_sd, str(path / 'optim'))
             with torch.no_grad():  # the distributed optimizer copies into views of its (leaf) main params
-                trainer.optimizer.load_state_dict(loaded)
-            _restore_adam_steps(trainer.optimizer, loaded)
+                parts.optimizer.load_state_dict(loaded)
+            _restore_adam_steps(parts.optimizer, loaded)
         except Exception as e:  # noqa: BLE001 - one clear line instead of a stack from deep inside torch
             raise CheckpointError(f"cannot load the optimizer state of '{path}': {type(e).__name__}: "
                                   f'{str(e).splitlines()[0] if str(e) else ""} (--no_load_optim true resumes '
                                   f'without it)') from None
     else:
         logger.warning('%s has no optimizer state: the optimizer starts fresh', path)
-    trainer.load_state_dict(state)
     rng_file = path / 'rng' / f'rank_{rank():05d}.pt'
-    if state.get('layout') == current_layout() and rng_file.is_file():
+    if state.get('layout') == parts.layout and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     else:
         logger.warning('the checkpoint was saved at layout %s (now %s): RNG states are not restored',
-                       state.get('layout'), current_layout())
+                       state.get('layout'), parts.layout)
     return state
-
-
-def truncate_log_file(path: Path, step: int) -> None:
-    """Keep only the log lines of steps up to ``step`` (a resumed run re-logs the steps after it)."""
-    if rank() != 0 or not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding='utf-8').splitlines():
-        try:
-            if int(json.loads(line).get('step', 0)) <= step:
-                kept.append(line)
-        except (ValueError, json.JSONDecodeError):
-            continue
-    _write_text(path, ''.join(f'{line}\n' for line in kept))
 
 
 def output_dir_has_checkpoint(output_dir: str) -> bool:
     return (Path(output_dir) / TRACKER_FILE).is_file() or bool(list_checkpoints(Path(output_dir)))
 
 
-__all__ = ['save_checkpoint', 'load_checkpoint', 'resolve_resume_dir', 'rotate_checkpoints', 'list_checkpoints',
-           'remove_partial_saves', 'truncate_log_file', 'output_dir_has_checkpoint', 'CheckpointError']
+__all__ = ['CheckpointParts', 'save_checkpoint', 'load_checkpoint', 'resolve_resume_dir', 'rotate_checkpoints', 'list_checkpoints',
+           'remove_partial_saves', 'output_dir_has_checkpoint', 'CheckpointError']

@@ -23,12 +23,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from ..utils.constants import IGNORE_INDEX
+from ..utils.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ def needs_generation(metric) -> bool:
 
 def check_generation_layout(metrics: Iterable, args) -> None:
     """One clear error, before any model is built, for a layout generation cannot run on."""
-    from ..arguments.base import ArgumentError
     names = [type(m).__name__ for m in metrics if needs_generation(m)]
     if not names:
         return
@@ -164,36 +164,18 @@ class GenerationSpec:
     tokens_per_forward: int = 4096  # prompts batched into one padding-free row up to about this many tokens
 
 
-def _next_tokens(trainer, sequences: list[list[int]], spec: GenerationSpec) -> list[int]:
-    """The greedy next id of every sequence, from one forward pass over them as one padding-free row."""
+def _next_tokens(forward: Callable, sequences: list[list[int]], spec: GenerationSpec) -> list[int]:
+    """The greedy next id of every sequence, from one forward pass over them as one padding-free row
+    (``forward``: a batch -> the last stage's ``ModelOutput``)."""
     from ..template.packing import padding_free_collate
-    from ..template.collator import to_device
     row = padding_free_collate([{'input_ids': s} for s in sequences], spec.pad_to_multiple_of, spec.pad_token_id)
-    batch = to_device({'input_ids': row.input_ids, 'position_ids': row.position_ids,
-                       'packed_seq_params': row.packed_seq_params()}, trainer.device)
-    model = trainer.models[0]
-    fused = trainer.ce_impl != 'torch'
-    kwargs = {'fp32_output': False} if fused and trainer.dtype != torch.float32 else {}
-    output = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], attention_mask=None,
-                   packed_seq_params=batch['packed_seq_params'], **kwargs)
-    last = torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=output.device)
-    out = output[0].index_select(0, last)  # [n, H] hidden states, or [n, V/tp] vocab-parallel logits
-    if fused:
-        from ..megatron import unwrap_model
-        from ..ops import linear_cross_entropy
-        from .head import head_weight
-        weight = head_weight(unwrap_model(model))
-        res = linear_cross_entropy(out, weight, torch.zeros(out.size(0), dtype=torch.long, device=out.device),
-                                   reduction='none', tp_group=trainer.tp_group, vocab_size=trainer.vocab_size,
-                                   impl=trainer.ce_impl, return_argmax=True)
-        ids = res.argmax
-    else:
-        from .loss import vocab_parallel_argmax
-        ids = vocab_parallel_argmax(out, trainer.vocab_size, trainer.tp_group)
-    return ids.view(-1).tolist()
+    output = forward({'input_ids': row.input_ids, 'position_ids': row.position_ids,
+                      'packed_seq_params': row.packed_seq_params()})
+    last = torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=output.output.device)
+    return output.select_positions(last).argmax().view(-1).tolist()
 
 
-def greedy_generate(trainer, prompts: list[list[int]], spec: GenerationSpec) -> list[list[int]]:
+def greedy_generate(forward: Callable, prompts: list[list[int]], spec: GenerationSpec) -> list[list[int]]:
     """Greedy answers (without their stop token) of ``prompts``; call under ``generation_mode``.
 
     Every tensor-parallel rank of a group must call this with the same prompts."""
@@ -212,7 +194,7 @@ def greedy_generate(trainer, prompts: list[list[int]], spec: GenerationSpec) -> 
             tokens += need
         active = list(group)
         while active:
-            ids = _next_tokens(trainer, [prompts[k] + answers[k] for k in active], spec)
+            ids = _next_tokens(forward, [prompts[k] + answers[k] for k in active], spec)
             still = []
             for k, tok in zip(active, ids):
                 if tok in stops:
@@ -227,26 +209,39 @@ def greedy_generate(trainer, prompts: list[list[int]], spec: GenerationSpec) -> 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def generate_eval_texts(trainer) -> dict[str, Any]:
+@dataclass
+class EvalGeneration:
+    """What generation at an evaluation needs from the trainer."""
+    forward: Callable               # a collated batch -> the last stage's ModelOutput (first model chunk)
+    models: list                    # put in eval mode for the duration
+    collator: Any                   # the validation collator (its encoded samples, padding multiple, pad id)
+    tokenizer: Any
+    stop_ids: list
+    hf_config: Any
+    model_dir: Optional[str]
+    max_new_tokens: int
+    micro_batch_size: int
+    dp_rank: int = 0
+    dp_size: int = 1
+
+
+def generate_eval_texts(job: EvalGeneration) -> dict[str, Any]:
     """This DP rank's ``{'predictions': [...], 'references': [...], 'indices': [...]}`` for the validation set,
     generated with the current weights (all ranks of the run call this together)."""
-    data, args = trainer.data, trainer.args
-    collator = data.val_collator
-    tokenizer = getattr(data, 'tokenizer', None)
+    collator, tokenizer = job.collator, job.tokenizer
     if tokenizer is None:
         from ..model import load_tokenizer
-        tokenizer = load_tokenizer(trainer.model_dir)
-    stops = getattr(data, 'stop_token_ids', None) or stop_token_ids(tokenizer, None, trainer.hf_config,
-                                                                     trainer.model_dir)
-    max_pos = int(getattr(trainer.hf_config, 'max_position_embeddings', 0) or 0) or None
-    spec = GenerationSpec(max_new_tokens=int(getattr(args, 'max_new_tokens', 64) or 64), stop_ids=list(stops),
+        tokenizer = load_tokenizer(job.model_dir)
+    stops = job.stop_ids or stop_token_ids(tokenizer, None, job.hf_config, job.model_dir)
+    max_pos = int(getattr(job.hf_config, 'max_position_embeddings', 0) or 0) or None
+    spec = GenerationSpec(max_new_tokens=job.max_new_tokens, stop_ids=list(stops),
                           pad_to_multiple_of=max(1, int(collator.pad_to_multiple_of)),
                           pad_token_id=int(collator.pad_token_id), max_total_length=max_pos,
-                          tokens_per_forward=max(int(collator.max_length or 0) * int(args.micro_batch_size), 1024))
-    prompts = eval_prompts(collator.encoded, trainer.dp_rank, trainer.dp_size)
+                          tokens_per_forward=max(int(collator.max_length or 0) * job.micro_batch_size, 1024))
+    prompts = eval_prompts(collator.encoded, job.dp_rank, job.dp_size)
     start = time.perf_counter()
-    with generation_mode(trainer.models):
-        answers = greedy_generate(trainer, [p.prompt for p in prompts], spec)
+    with generation_mode(job.models):
+        answers = greedy_generate(job.forward, [p.prompt for p in prompts], spec)
     logger.info('nlg: %d answers (%d tokens) generated on this rank in %.1f s', len(answers),
                 sum(map(len, answers)), time.perf_counter() - start)
     decode = _decoder(tokenizer)
@@ -260,20 +255,23 @@ def _decoder(tokenizer):
     return decode
 
 
-def write_predictions(trainer, generated: dict[str, Any]) -> Optional[Path]:
-    """``<output_dir>/predict/step-<N>.jsonl`` (rank 0; every rank calls it): one line per validation sample in
-    dataset order, ``{'index', 'response', 'labels'}`` (ms-swift's names for the generated and reference text)."""
+def write_predictions(generated: dict[str, Any], output_dir: Path, step: int, dp_group=None,
+                      is_main: bool = True) -> Optional[Path]:
+    """``<output_dir>/predict/step-<N>.jsonl`` (written by the main process; every rank calls it): one line per
+    validation sample in dataset order, ``{'index', 'response', 'labels'}`` (ms-swift's names for the generated
+    and reference text)."""
     dist = torch.distributed
     rows = [{'index': i, 'response': p, 'labels': r}
             for i, p, r in zip(generated['indices'], generated['predictions'], generated['references'])]
-    if dist.is_available() and dist.is_initialized() and trainer.dp_size > 1:
-        parts: list = [None] * trainer.dp_size
-        dist.all_gather_object(parts, rows, group=trainer.dp_group)
+    dp_size = dp_group.size() if dp_group is not None and dist.is_available() and dist.is_initialized() else 1
+    if dp_size > 1:
+        parts: list = [None] * dp_size
+        dist.all_gather_object(parts, rows, group=dp_group)
         rows = [r for part in parts for r in part]
-    if not trainer.is_main_process:
+    if not is_main:
         return None
     rows.sort(key=lambda r: r['index'])
-    path = Path(trainer.args.output_dir) / 'predict' / f'step-{trainer.state.global_step}.jsonl'
+    path = Path(output_dir) / 'predict' / f'step-{step}.jsonl'
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('w', encoding='utf-8') as f:
         for r in rows:
@@ -281,6 +279,6 @@ def write_predictions(trainer, generated: dict[str, Any]) -> Optional[Path]:
     return path
 
 
-__all__ = ['GENERATED_OUTPUTS', 'EvalPrompt', 'GenerationSpec', 'check_generation_layout', 'eval_prompts',
+__all__ = ['GENERATED_OUTPUTS', 'EvalGeneration', 'EvalPrompt', 'GenerationSpec', 'check_generation_layout', 'eval_prompts',
            'generate_eval_texts', 'generation_mode', 'greedy_generate', 'needs_generation', 'preserved_rng_state',
            'stop_token_ids', 'write_predictions']

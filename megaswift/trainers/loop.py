@@ -18,10 +18,12 @@ from typing import Any, Optional
 
 import torch
 
+from ..megatron.forward import model_forward, run_schedule
 from ..template.collator import Collator, collate_micro_batches, packing_efficiency, to_device
 from .data import StepSampler, eval_micro_batches, rank_micro_batches
-from .generate import GENERATED_OUTPUTS, needs_generation
-from .loss import count_loss_tokens, global_token_count, micro_batch_loss
+from .eval_metrics import build_eval_metrics, compute_eval_metrics
+from .loss import global_token_count
+from .objectives import ModelOutput, Objective, build_objective
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +49,27 @@ class TrainData:
 
 
 class Trainer:
-    def __init__(self, args, hf_config, model_dir: Optional[str], data: TrainData, max_steps: int, callbacks=None):
+    """Runs an ``Objective`` (``--loss_type``, default 'sft') on megatron-core at the layout of ``parallel``."""
+
+    def __init__(self, args, hf_config, model_dir: Optional[str], data: TrainData, max_steps: int, callbacks=None,
+                 parallel=None, objective: Optional[Objective] = None):
         self.args, self.hf_config, self.model_dir, self.data = args, hf_config, model_dir, data
+        self.parallel = parallel
+        self.objective = objective if objective is not None else build_objective(objective_name(args), args)
         self.state = TrainerState(max_steps=int(max_steps))
         self.sampler = data.sampler if data.sampler is not None else StepSampler(
             data.num_items, args.global_batch_size, args.data_seed, args.train_dataloader_shuffle)
         self.callbacks = list(callbacks or [])
         self.models = self.optimizer = self.scheduler = None
+        self.frozen: dict[str, list] = {}
         self.metrics = []
         self._train_start = None
 
     # ------------------------------------------------------------------------------------------ setup
     @property
     def is_main_process(self) -> bool:
+        if self.parallel is not None:
+            return self.parallel.rank == 0
         return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
     @property
@@ -68,60 +78,53 @@ class Trainer:
         return [unwrap_model(m) for m in self.models]
 
     def setup(self, resume_dir: Optional[Path] = None) -> None:
-        """Build the model (weights from --model / --mcore_model, or a training checkpoint), optimizer, scheduler."""
-        from megatron.core import parallel_state as ps
-
-        from ..megatron import current_parallel_config
-        from .model import attach_schedule_hooks, build_train_models, resolve_train_dtype, trainable_parameter_count
+        """Build the model (weights from --model / --mcore_model, or a training checkpoint), the objective's frozen
+        models, the optimizer and the scheduler."""
+        from ..megatron import ParallelContext
+        from .model import (attach_schedule_hooks, build_frozen_models, build_train_models, resolve_cross_entropy_impl,
+                            resolve_train_dtype, trainable_parameter_count)
         from .optim import build_optimizer, build_scheduler
+        if self.parallel is None:
+            self.parallel = ParallelContext.from_megatron()
+        ctx, objective = self.parallel, self.objective
         self.dtype = resolve_train_dtype(self.args)
-        self.pcfg = current_parallel_config()
+        self.device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device('cpu')
+        # --cross_entropy_impl: 'torch' keeps the logits; otherwise the LM head is fused into the loss
+        self.ce_impl = resolve_cross_entropy_impl(getattr(self.args, 'cross_entropy_impl', 'auto'), self.device)
+        fused = self.ce_impl != 'torch' and objective.head == 'lm'
+        logger.info('objective: %s; head: %s; cross entropy: %s', type(objective).__name__, objective.head,
+                    self.ce_impl)
         init_from = 'none' if resume_dir else ('mcore' if self.args.mcore_model else 'hf')
-        self.models = build_train_models(self.args, self.hf_config, self.model_dir, self.dtype, self.pcfg, init_from)
+        self.models = build_train_models(self.args, self.hf_config, self.model_dir, self.dtype, ctx, init_from,
+                                         head=objective.head, fused_lm_head=fused)
+        for name in objective.frozen_models:
+            self.frozen[name] = build_frozen_models(self.args, self.hf_config, self.frozen_model_dir(name),
+                                                    self.dtype, ctx, fused_lm_head=fused)
         self.optimizer = build_optimizer(self.args, self.models, self.dtype)
         self.scheduler = build_scheduler(self.args, self.optimizer, self.state.max_steps)
         attach_schedule_hooks(self.models, self.optimizer)
-        self.ce_impl = self._setup_cross_entropy()
         self.vocab_size = self.models_unwrapped[0].megaswift_info.vocab_size
-        self.tp_group = ps.get_tensor_model_parallel_group()
-        self.dp_group = ps.get_data_parallel_group()
-        self.pp_group = ps.get_pipeline_model_parallel_group()
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
-        self.fixed_shape = bool(self.pcfg.virtual_pipeline_model_parallel_size)  # the interleaved schedule
-        self.device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else \
-            torch.device('cpu')
+        self.fixed_shape = bool(ctx.vpp_size)  # the interleaved schedule needs one shape for all micro-batches
         if resume_dir is not None:
             from .checkpoint import load_checkpoint
-            load_checkpoint(self, resume_dir)
+            self.load_state_dict(load_checkpoint(self.checkpoint_parts(), resume_dir))
         trainable, total = trainable_parameter_count(self.models)
         logger.info('model: %d parameters on this rank, %d trainable; dtype %s; layout TP=%d PP=%d VPP=%s DP=%d',
-                    total, trainable, self.dtype, self.pcfg.tensor_model_parallel_size,
-                    self.pcfg.pipeline_model_parallel_size, self.pcfg.virtual_pipeline_model_parallel_size,
-                    self.dp_size)
-        self._build_metrics()
-        from .flops import MfuMeter
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        self.mfu_meter = MfuMeter(self.hf_config, self.device, self.dtype, world)  # active on CUDA only
-
-    def _setup_cross_entropy(self) -> str:
-        """--cross_entropy_impl: 'torch' keeps the logits; otherwise the head is fused into the loss."""
-        from .head import fuse_head_into_loss, resolve_cross_entropy_impl
-        device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
-        impl = resolve_cross_entropy_impl(getattr(self.args, 'cross_entropy_impl', 'auto'), device)
-        if impl != 'torch':
-            fuse_head_into_loss(self.models_unwrapped)
-        logger.info('cross entropy: %s', impl)
-        return impl
-
-    def _build_metrics(self) -> None:
+                    total, trainable, self.dtype, ctx.tp_size, ctx.pp_size, ctx.vpp_size, ctx.dp_size)
         self.metrics = build_eval_metrics(getattr(self.args, 'eval_metric', None) or [])
+        from .flops import MfuMeter
+        self.mfu_meter = MfuMeter(self.hf_config, self.device, self.dtype, ctx.world_size)  # active on CUDA only
+
+    def frozen_model_dir(self, name: str) -> str:
+        """Where the frozen model ``name`` comes from: ``--ref_model`` / ``--teacher_model``, else ``--model``."""
+        return getattr(self.args, f'{name}_model', None) or self.model_dir
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {'global_step': self.state.global_step, 'max_steps': self.state.max_steps, 'epoch': self.state.epoch,
                 'sampler': self.sampler.state_dict(), 'scheduler': self.scheduler.state_dict(),
-                'log_history': self.state.log_history, 'layout': _layout(),
+                'log_history': self.state.log_history, 'layout': self.parallel.layout(),
                 'use_distributed_optimizer': bool(self.args.use_distributed_optimizer),
                 'args': {k: v for k, v in self.args.to_dict().items() if _jsonable(v)}}
 
@@ -134,93 +137,114 @@ class Trainer:
         self.scheduler.num_steps = int(sched['num_steps'])
         self.scheduler.step(0)  # re-apply the lr of that step to every parameter group
 
-    # ------------------------------------------------------------------------------------------ steps
-    def _forward_step(self, data_iterator, model, *, num_tokens, with_accuracy=False):
-        batch = next(data_iterator)
-        fused = self.ce_impl != 'torch'
-        kwargs = {'fp32_output': False} if fused and self.dtype != torch.float32 else {}
-        output = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], attention_mask=None,
-                       packed_seq_params=batch['packed_seq_params'], **kwargs)
+    # ------------------------------------------------------------------------------------------ forward
+    def model_output(self, model, output: torch.Tensor) -> ModelOutput:
+        """The last stage's ``output`` of chunk ``model`` with the means to compute token-level losses from it."""
         weight = None
-        if fused and self.is_last_stage:
+        if self.ce_impl != 'torch' and self.objective.head == 'lm':
             from ..megatron import unwrap_model
-            from .head import head_weight
-            chunk = unwrap_model(model)
-            weight = head_weight(chunk) if chunk.post_process else None
-        return output, partial(micro_batch_loss, batch=batch, num_tokens=num_tokens, vocab_size=self.vocab_size,
-                               label_smoothing=float(self.args.label_smoothing), tp_group=self.tp_group,
-                               with_accuracy=with_accuracy, head_weight=weight, impl=self.ce_impl)
+            from ..megatron.heads import head_weight
+            weight = head_weight(unwrap_model(model))
+        return ModelOutput(output, weight, self.vocab_size, self.parallel.tp_group, self.ce_impl)
 
-    def _run_schedule(self, batches: list, num_tokens, forward_only: bool, with_accuracy: bool = False) -> list:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        iters = [iter(batches) for _ in self.models]
-        seq = max(int(b['input_ids'].shape[1]) for b in batches)
-        return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, num_tokens=num_tokens, with_accuracy=with_accuracy),
-            data_iterator=iters if len(iters) > 1 else iters[0], model=self.models, num_microbatches=len(batches),
-            seq_length=seq, micro_batch_size=int(batches[0]['input_ids'].shape[0]), forward_only=forward_only)
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        keep_dtype = self.ce_impl != 'torch' and self.dtype != torch.float32
+        return model_forward(model, batch, keep_dtype=keep_dtype)
 
-    def _reduce(self, outputs: list, key: str) -> torch.Tensor:
-        """[sum, count] of ``key`` over this rank's micro-batches, all DP ranks and (from the last stage) PP."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
-        if self.is_last_stage:
+    def _forward_step(self, data_iterator, model, *, evaluate=False):
+        batch = next(data_iterator)
+        output = self.forward(model, batch)
+
+        def loss_func(out):
+            return self.objective.loss(self.model_output(model, out), batch, evaluate=evaluate)
+        return output, loss_func
+
+    def _frozen_step(self, data_iterator, model, *, name: str):
+        batch = next(data_iterator)
+        output = self.forward(model, batch)
+
+        def store(out):
+            batch.update(self.objective.frozen_outputs(name, self.model_output(model, out), batch))
+            return out.sum() * 0.0, torch.zeros((), dtype=torch.int), {}
+        return output, store
+
+    def run_frozen_models(self, batches: list[dict]) -> None:
+        """Each frozen model's forward-only pass over ``batches``; ``frozen_outputs`` adds its results to them."""
+        for name, models in self.frozen.items():
+            with torch.no_grad():
+                run_schedule(models, batches, partial(self._frozen_step, name=name), forward_only=True)
+
+    def _reduce(self, outputs: list, names: tuple) -> dict[str, tuple[float, float]]:
+        """``{name: (sum, count)}`` over this rank's micro-batches, all DP ranks and (from the last stage) PP."""
+        ctx = self.parallel
+        total = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)  # NCCL: device tensors
+        if ctx.is_last_stage:
             for out in outputs:
-                total += out[key].detach().to(self.device, torch.float64)
-        if self.dp_size > 1:
-            torch.distributed.all_reduce(total, group=self.dp_group)
-        if self.pp_group.size() > 1:
-            torch.distributed.all_reduce(total, group=self.pp_group)
-        return total.cpu()
+                for i, name in enumerate(names):
+                    total[i] += out[name].detach().to(self.device, torch.float64)
+        if ctx.dp_size > 1:
+            torch.distributed.all_reduce(total, group=ctx.dp_group)
+        if ctx.pp_size > 1:
+            torch.distributed.all_reduce(total, group=ctx.pp_group)
+        return {name: tuple(row) for name, row in zip(names, total.cpu().tolist())}
 
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
+        ctx = self.parallel
         step_items = self.sampler.next_step()
         mbs = self.args.micro_batch_size
-        mine = rank_micro_batches(step_items, self.dp_rank, self.dp_size, mbs)
+        mine = rank_micro_batches(step_items, ctx.dp_rank, ctx.dp_size, mbs)
         batches = [to_device(b, self.device) for b in collate_micro_batches(self.data.collator, mine, self.fixed_shape)]
-        num_tokens = global_token_count(sum(count_loss_tokens(b['labels']) for b in batches), self.dp_group,
-                                        self.device)
+        denominator = global_token_count(sum(self.objective.count(b) for b in batches), ctx.dp_group, self.device)
+        for b in batches:
+            b['loss_denominator'] = denominator
+        self.run_frozen_models(batches)
         for m in self.models:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(batches, num_tokens, forward_only=False)
+        outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        loss_sum, count = self._reduce(outputs, 'loss').tolist()
+        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=False))
+        loss_sum, count = reduced.pop('loss')
         elapsed = time.perf_counter() - start
-        all_mbs = [mb for r in range(self.dp_size) for mb in rank_micro_batches(step_items, r, self.dp_size, mbs)]
+        all_mbs = [mb for r in range(ctx.dp_size) for mb in rank_micro_batches(step_items, r, ctx.dp_size, mbs)]
         tokens = self.data.collator.num_tokens(step_items)
         flops = self.mfu_meter.step_flops(self.data.collator, step_items)  # 0.0 unless on CUDA
         return {'loss': loss_sum / max(count, 1.0), 'grad_norm': float(grad_norm) if grad_norm is not None else None,
                 'num_tokens': int(count), 'tokens_per_sec': tokens / max(elapsed, 1e-9), 'flops': flops,
-                'step_time': elapsed,
+                'step_time': elapsed, 'objective': reduced,
                 'packing_efficiency': packing_efficiency(self.data.collator, step_items, self.args.packing,
                                                          self.data.collator.max_length, all_mbs),
                 'skipped': not ok}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        data = self.data
+        data, ctx = self.data, self.parallel
         if data.val_collator is None or not data.val_num_items:
             return {}
         for cb in self.callbacks:
             _call(cb, 'on_eval_begin', self)
         for m in self.models:
             m.eval()
-        mbs = eval_micro_batches(data.val_num_items, self.dp_rank, self.dp_size, self.args.micro_batch_size)
+        mbs = eval_micro_batches(data.val_num_items, ctx.dp_rank, ctx.dp_size, self.args.micro_batch_size)
         outputs = []
         if mbs:
             batches = [to_device(b, self.device)
                        for b in collate_micro_batches(data.val_collator, mbs, self.fixed_shape)]
-            outputs = self._run_schedule(batches, torch.ones(1, device=self.device), forward_only=True,
-                                         with_accuracy=True)
+            for b in batches:
+                b['loss_denominator'] = torch.ones(1, device=self.device)
+            self.run_frozen_models(batches)
+            outputs = run_schedule(self.models, batches, partial(self._forward_step, evaluate=True),
+                                   forward_only=True)
         for m in self.models:
             m.train()
-        loss_sum, count = self._reduce(outputs, 'loss').tolist()
-        correct, _ = self._reduce(outputs, 'acc').tolist()
-        metrics = {'eval_loss': loss_sum / max(count, 1.0), 'eval_acc': correct / max(count, 1.0),
-                   'eval_tokens': int(count)}
+        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=True))
+        loss_sum, count = reduced.pop('loss')
+        metrics = {'eval_loss': loss_sum / max(count, 1.0)}
+        metrics.update({f'eval_{name}': s / max(c, 1.0) for name, (s, c) in reduced.items()})
+        metrics['eval_tokens'] = int(count)
         metrics.update(self._extra_metrics(outputs))
         for cb in self.callbacks:
             _call(cb, 'on_eval_end', self, metrics)
@@ -230,35 +254,31 @@ class Trainer:
         """``--eval_metric``: updated on the last pipeline stage, all-reduced over DP inside ``compute``."""
         if not self.metrics:
             return {}
+        ctx = self.parallel
         result = {}
-        if self.is_last_stage:
-            generated = None
-            for metric in self.metrics:
-                metric.reset()
-                if needs_generation(metric):  # greedy generation (pipeline parallelism is rejected in preflight)
-                    generated = generated or self._generate_eval_texts()
-                    _update(metric, **generated)
-                else:
-                    for out in outputs:
-                        _update(metric, loss_sum=out['loss'][0], num_tokens=out['loss'][1], correct=out['acc'][0],
-                                preds=out['pred'], labels=out['target'], token_loss=out['token_loss'])
-                values = metric.compute(group=self.dp_group)
-                result.update({k if k.startswith('eval_') else f'eval_{k}': _to_float(v) for k, v in values.items()})
-                metric.reset()
-        if self.pp_group.size() > 1:
-            from megatron.core import parallel_state as ps
+        if ctx.is_last_stage:
+            result = compute_eval_metrics(self.metrics, outputs, self._generate_eval_texts, ctx.dp_group)
+        if ctx.pp_size > 1:
             box = [result]
-            torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
-                                                    group=self.pp_group)
+            torch.distributed.broadcast_object_list(box, src=ctx.pp_last_rank, group=ctx.pp_group)
             result = box[0]
         return result
 
     def _generate_eval_texts(self) -> dict:
         """Decoded greedy answers and references of this DP rank's validation samples; also written to
         ``<output_dir>/predict/step-<N>.jsonl``."""
-        from .generate import generate_eval_texts, write_predictions
-        generated = generate_eval_texts(self)
-        write_predictions(self, generated)
+        from .generate import EvalGeneration, generate_eval_texts, write_predictions
+        ctx = self.parallel
+        model = self.models[0]
+        job = EvalGeneration(forward=lambda b: self.model_output(model, self.forward(model, to_device(b, self.device))),
+                             models=self.models, collator=self.data.val_collator,
+                             tokenizer=self.data.tokenizer, stop_ids=self.data.stop_token_ids,
+                             hf_config=self.hf_config, model_dir=self.model_dir,
+                             max_new_tokens=int(getattr(self.args, 'max_new_tokens', 64) or 64),
+                             micro_batch_size=int(self.args.micro_batch_size), dp_rank=ctx.dp_rank, dp_size=ctx.dp_size)
+        generated = generate_eval_texts(job)
+        write_predictions(generated, Path(self.args.output_dir), self.state.global_step, ctx.dp_group,
+                          self.is_main_process)
         return generated
 
     # ------------------------------------------------------------------------------------------ loop
@@ -267,9 +287,6 @@ class Trainer:
         for cb in self.callbacks:
             _call(cb, 'on_train_begin', self)
         self._train_start = time.perf_counter()
-        if not self.callbacks and self.is_main_process:
-            from .checkpoint import truncate_log_file
-            truncate_log_file(Path(args.output_dir) / 'logging.jsonl', state.global_step)
         window: list[dict] = []
         while state.global_step < state.max_steps:
             for cb in self.callbacks:
@@ -298,6 +315,7 @@ class Trainer:
         n = sum(w['num_tokens'] for w in window)
         return {'step': self.state.global_step, 'epoch': round(self.state.epoch, 4),
                 'loss': sum(w['loss'] * w['num_tokens'] for w in window) / max(n, 1) if n else last['loss'],
+                **_window_metrics(window),
                 'lr': current_lr(self.optimizer), 'grad_norm': last['grad_norm'],
                 'tokens_per_sec': sum(w['tokens_per_sec'] for w in window) / len(window),
                 **self._mfu_log(window),
@@ -312,56 +330,39 @@ class Trainer:
         return {'mfu': self.mfu_meter.mfu(sum(w['flops'] for w in window), sum(w['step_time'] for w in window))}
 
     def log(self, logs: dict) -> None:
+        """Record ``logs`` and hand them to the callbacks (``megaswift.callbacks``: log lines, logging.jsonl)."""
         self.state.log_history.append(logs)
         for cb in self.callbacks:
             _call(cb, 'on_log', self, logs)
-        if not self.callbacks and self.is_main_process:  # without megaswift.callbacks: a plain line + jsonl
-            parts = [f'{k}={v:.6g}' if isinstance(v, float) else f'{k}={v}' for k, v in logs.items() if k != 'step']
-            print(f'[megaswift {self.args.command}] step {logs["step"]}/{self.state.max_steps} ' + ' '.join(parts),
-                  flush=True)
-            path = Path(self.args.output_dir) / 'logging.jsonl'
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open('a', encoding='utf-8') as f:
-                f.write(json.dumps(logs) + '\n')
+
+    def checkpoint_parts(self):
+        from .checkpoint import CheckpointParts
+        return CheckpointParts(self.models, self.optimizer, self.args, self.hf_config, self.model_dir, self.dtype,
+                               self.parallel.layout())
 
     def save(self) -> str:
         from .checkpoint import save_checkpoint
-        path = save_checkpoint(self)
+        path = save_checkpoint(self.checkpoint_parts(), self.state.global_step, self.state_dict())
         for cb in self.callbacks:
             _call(cb, 'on_save', self, path)
         return path
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-EVAL_OUTPUTS = ('loss_sum', 'num_tokens', 'correct', 'preds', 'labels', 'token_loss')
+def objective_name(args) -> str:
+    """The ``losses`` entry a command trains: ``--loss_type``, else 'sft' (``sft`` and ``pt``)."""
+    return getattr(args, 'loss_type', None) or 'sft'
 
 
-def build_eval_metrics(names: list[str]) -> list:
-    """``--eval_metric`` beyond the built-in eval loss and token accuracy (``megaswift.metrics``), checked against
-    what a teacher-forced evaluation step produces (``EVAL_OUTPUTS``: per-token predictions and labels of the
-    loss tokens, summed losses and counts) or greedy generation (``GENERATED_OUTPUTS``: decoded texts)."""
-    from ..arguments.base import ArgumentError
-    names = [n for n in names if n not in ('loss', 'acc')]
-    if not names:
-        return []
-    try:
-        from ..metrics import build_metrics
-    except ImportError as e:
-        raise ArgumentError(f'--eval_metric {names}: megaswift.metrics cannot be imported ({e})') from None
-    try:
-        built = build_metrics(names)
-    except ValueError as e:
-        raise ArgumentError(f'--eval_metric: {e}') from None
-    metrics = dict(built) if isinstance(built, dict) else dict(zip(names, built))
-    for name, metric in metrics.items():
-        inputs = tuple(getattr(metric, 'inputs', ()) or ())
-        generated = [k for k in inputs if k in GENERATED_OUTPUTS]
-        missing = [k for k in inputs if k not in (GENERATED_OUTPUTS if generated else EVAL_OUTPUTS)]
-        if missing:
-            raise ArgumentError(f"--eval_metric {name}: needs {missing}, which evaluation on megatron-core does not "
-                                f"produce (it has {', '.join(EVAL_OUTPUTS)} from teacher forcing, or "
-                                f"{', '.join(GENERATED_OUTPUTS)} from generation, not both)")
-    return list(metrics.values())
+def _window_metrics(window: list[dict]) -> dict:
+    """The objective's own metrics (beyond the loss) over the logging window: sum / count of each."""
+    totals: dict[str, list] = {}
+    for w in window:
+        for name, (s, c) in w.get('objective', {}).items():
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    return {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
 
 
 def _call(cb, name: str, *a) -> None:
@@ -370,34 +371,12 @@ def _call(cb, name: str, *a) -> None:
         fn(*a)
 
 
-def _update(metric, **kw) -> None:
-    if getattr(metric, 'inputs', None):
-        metric.update_from(kw)
-        return
-    import inspect
-    params = inspect.signature(metric.update).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kw = {k: v for k, v in kw.items() if k in params}
-    metric.update(**kw)
-
-
-def _to_float(v):
-    if isinstance(v, torch.Tensor):
-        return float(v.detach().float().mean())
-    return v
-
-
 def _jsonable(v) -> bool:
     try:
         json.dumps(v)
         return True
     except (TypeError, ValueError):
         return False
-
-
-def _layout() -> dict:
-    from ..megatron.checkpoint import current_layout
-    return current_layout()
 
 
 def _memory_mb() -> float:
@@ -410,4 +389,4 @@ def _memory_mb() -> float:
         return 0.0
 
 
-__all__ = ['Trainer', 'TrainerState', 'TrainData', 'build_eval_metrics']
+__all__ = ['Trainer', 'TrainerState', 'TrainData', 'objective_name']

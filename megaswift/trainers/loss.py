@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
 _NEG = -1e30  # a padded vocab entry's logit: exp() is exactly 0 and no inf-inf NaN can arise
 
 
@@ -109,61 +108,10 @@ def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int | None = None, t
     return torch.stack(idxs).gather(0, best).squeeze(0)
 
 
-def count_loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels != IGNORE_INDEX).sum())
-
-
 def global_token_count(local_count: int, dp_group=None, device=None) -> torch.Tensor:
-    """The step's number of loss tokens over all DP ranks (a float tensor, >= 1 to keep all-masked steps finite)."""
+    """The step's normaliser (loss tokens, pairs, ...) summed over all DP ranks (a float tensor, >= 1 to keep
+    all-masked steps finite)."""
     total = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
     if dp_group is not None and torch.distributed.is_initialized() and dp_group.size() > 1:
         torch.distributed.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0).to(torch.float32)
-
-
-def micro_batch_loss(output: torch.Tensor, batch: dict, num_tokens: torch.Tensor, *, vocab_size: int | None,
-                     label_smoothing: float = 0.0, tp_group=None, with_accuracy: bool = False,
-                     head_weight: torch.Tensor | None = None, impl: str = 'chunked'):
-    """The loss-function contract of megatron-core's schedules (with ``calculate_per_token_loss``).
-
-    ``output``: vocab-parallel logits ``[b, s, V/tp]``, or the hidden states ``[b, s, H]`` when ``head_weight``
-    (this rank's ``[V/tp, H]`` output-layer shard) is given: then the head and its loss run fused in
-    ``megaswift.ops.linear_cross_entropy`` (``impl`` 'chunked' or 'cuda') and no logits exist.
-    ``batch['labels']``: targets already aligned with the output (position t holds the id predicted at t,
-    ``IGNORE_INDEX`` where nothing is learnt); ``batch.get('loss_scale')``: per-token weights aligned the same
-    way; ``num_tokens``: the step's global loss-token count. Returns ``(loss, local token count,
-    {'loss': [weighted sum, count]})``; with ``with_accuracy`` the dict also holds ``'acc': [correct, count]``.
-    """
-    labels = batch['labels']
-    mask = labels != IGNORE_INDEX
-    scale = batch.get('loss_scale')
-    weights = mask.float() if scale is None else scale.float() * mask
-    count = mask.sum()
-    pred = per_token = None
-    if head_weight is not None and not with_accuracy:
-        # training: the weighted sum in one pass whose gradient is computed with it (three GEMMs)
-        from ..ops import linear_cross_entropy
-        loss_sum = linear_cross_entropy(output, head_weight, labels, loss_scale=weights, reduction='sum',
-                                        tp_group=tp_group, label_smoothing=label_smoothing, vocab_size=vocab_size,
-                                        impl=impl)
-    else:
-        if head_weight is not None:
-            from ..ops import linear_cross_entropy
-            res = linear_cross_entropy(output, head_weight, labels, reduction='none', tp_group=tp_group,
-                                       label_smoothing=label_smoothing, vocab_size=vocab_size, impl=impl,
-                                       return_argmax=True)
-            per_token, pred = res.loss, res.argmax
-        else:
-            per_token = vocab_parallel_token_loss(output, labels, vocab_size=vocab_size,
-                                                  label_smoothing=label_smoothing, tp_group=tp_group)
-            if with_accuracy:
-                pred = vocab_parallel_argmax(output.detach(), vocab_size, tp_group)
-        loss_sum = (per_token * weights).sum()
-    reduced = {'loss': torch.stack([loss_sum.detach().double(), count.double()])}
-    if with_accuracy:
-        correct = ((pred == labels) & mask).sum()
-        reduced['acc'] = torch.stack([correct.double(), count.double()])
-        reduced['pred'] = pred[mask]
-        reduced['target'] = labels[mask]
-        reduced['token_loss'] = per_token.detach()[mask]
-    return loss_sum / num_tokens.to(loss_sum.dtype), count.to(torch.int), reduced

@@ -1,4 +1,5 @@
-"""Build the trainable model at the current layout: mcore chunks, weights, tuner, Float16Module, DDP."""
+"""Build the models of a training run at its ``ParallelContext``'s layout: the trained one (mcore chunks, weights,
+head, tuner, Float16Module, DDP) and frozen ones (reference, teacher: the same chunks, no DDP, no optimizer)."""
 from __future__ import annotations
 
 import logging
@@ -51,7 +52,7 @@ def config_overrides(args, pp: int, vpp, from_weights: bool) -> dict:
     return out
 
 
-def apply_tuner(models: list, args) -> None:
+def apply_tuner(models: list, args, parallel) -> None:
     """--tuner_type through megaswift.tuners (full / freeze / lora), before DDP and the optimizer."""
     try:
         from ..tuners import prepare_model
@@ -59,40 +60,80 @@ def apply_tuner(models: list, args) -> None:
         if args.tuner_type == 'full' and not args.freeze_parameters:
             return
         raise TrainSetupError(f'--tuner_type {args.tuner_type}: megaswift.tuners cannot be imported ({e})') from None
-    prepare_model(models, args)
+    prepare_model(models, args, parallel=parallel)
 
 
-def build_train_models(args, hf_config, model_dir: Optional[str], dtype: torch.dtype, pcfg,
-                       init_from: str = 'hf') -> list:
+def build_train_models(args, hf_config, model_dir: Optional[str], dtype: torch.dtype, parallel,
+                       init_from: str = 'hf', head: str = 'lm', fused_lm_head: bool = False) -> list:
     """This rank's model chunks, loaded (``init_from``: 'hf' weights of ``model_dir``, 'mcore' checkpoint
-    ``args.mcore_model``, or 'none' when a training checkpoint will be loaded), tuned and DDP-wrapped."""
+    ``args.mcore_model``, or 'none' when a training checkpoint will be loaded), given their ``head``
+    (``megatron/heads.py``), tuned and DDP-wrapped."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.transformer.module import Float16Module
 
-    from ..megatron import build_model, load_hf_weights
-    models = build_model(hf_config, dtype=dtype, parallel_config=pcfg,
-                         config_overrides=config_overrides(args, pcfg.pipeline_model_parallel_size,
-                                                           pcfg.virtual_pipeline_model_parallel_size,
-                                                           from_weights=init_from != 'random'))
-    if init_from == 'hf':
-        load_hf_weights(models, model_dir)
-    elif init_from == 'mcore':
-        from ..megatron.checkpoint import load_mcore_checkpoint
-        load_mcore_checkpoint(models, args.mcore_model)
-    apply_tuner(models, args)
+    from ..megatron.heads import apply_head
+    models = _build_loaded_models(args, hf_config, model_dir, dtype, parallel, init_from)
+    apply_head(models, head, fused_lm_head=False)  # a value head is trained (and tuned) like any layer
+    apply_tuner(models, args, parallel)
+    if head == 'lm' and fused_lm_head:  # the LM head keeps its parameters: fused after the tuner saw them
+        apply_head(models, head, fused_lm_head=True)
     config = models[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
         use_distributed_optimizer=bool(args.use_distributed_optimizer), check_for_nan_in_grad=False)
     wrapped = []
     for i, model in enumerate(models):
-        module = Float16Module(config, model) if dtype in (torch.bfloat16, torch.float16) else model
         # as Megatron-LM: only the first chunk's buffers are bucketed (VPP chunks > 0 sync with it)
-        wrapped.append(DistributedDataParallel(config, ddp_config, module, disable_bucketing=i > 0))
+        wrapped.append(DistributedDataParallel(config, ddp_config, _half_precision(model, dtype),
+                                               disable_bucketing=i > 0))
     if init_from == 'random':
         for m in wrapped:
             m.broadcast_params()
     return wrapped
+
+
+def build_frozen_models(args, hf_config, model_dir: str, dtype: torch.dtype, parallel, head: str = 'lm',
+                        fused_lm_head: bool = False) -> list:
+    """A frozen copy (reference policy, teacher) of the model in ``model_dir`` at the trained model's layout:
+    the same chunks per rank, eval mode, no gradients, no DDP and no optimizer."""
+    models = _build_loaded_models(args, hf_config, model_dir, dtype, parallel, 'hf')
+    from ..megatron.heads import apply_head
+    apply_head(models, head, fused_lm_head)
+    frozen = []
+    for model in models:
+        model.requires_grad_(False)
+        frozen.append(_half_precision(model, dtype).eval())
+    return frozen
+
+
+def _build_loaded_models(args, hf_config, model_dir: Optional[str], dtype: torch.dtype, parallel, init_from: str):
+    from ..megatron import build_model, load_hf_weights
+    models = build_model(hf_config, dtype=dtype, parallel=parallel,
+                         config_overrides=config_overrides(args, parallel.pp_size, parallel.vpp_size,
+                                                           from_weights=init_from != 'random'))
+    if init_from == 'hf':
+        load_hf_weights(models, model_dir, parallel=parallel)
+    elif init_from == 'mcore':
+        from ..megatron.checkpoint import load_mcore_checkpoint
+        load_mcore_checkpoint(models, args.mcore_model)
+    return models
+
+
+def _half_precision(model, dtype: torch.dtype):
+    from megatron.core.transformer.module import Float16Module
+    return Float16Module(model.config, model) if dtype in (torch.bfloat16, torch.float16) else model
+
+
+def resolve_cross_entropy_impl(requested: str, device: torch.device) -> str:
+    """--cross_entropy_impl auto -> 'cuda' when the extension runs on ``device``, else 'chunked'."""
+    from ..ops.linear_ce import best_impl
+    if requested == 'auto':
+        return best_impl(device)
+    if requested == 'cuda':
+        if device.type != 'cuda':
+            raise UserError('--cross_entropy_impl cuda needs a GPU; use chunked (or auto) on CPU')
+        from ..ops.linear_ce import row_ops
+        row_ops('cuda', device)  # builds/loads the extension and checks it now, not at the first step
+    return requested
 
 
 def attach_schedule_hooks(ddp_models: list, optimizer) -> None:

@@ -293,8 +293,13 @@ def _shape_mismatch(path, tmp):
 
 
 def _build_tp(cfg, tp):
-    from megaswift.megatron import ParallelConfig, build_model
-    build_model(cfg, parallel_config=ParallelConfig(tensor_model_parallel_size=tp))
+    """build_model at a TP size the model cannot take: it fails in the layout check, before anything is built."""
+    import dataclasses
+
+    from megaswift.megatron import ParallelConfig, ParallelContext, build_model
+    ctx = ParallelContext.from_megatron()
+    build_model(cfg, parallel=dataclasses.replace(ctx, config=ParallelConfig(tensor_model_parallel_size=tp),
+                                                  tp_size=tp))
 
 
 def world2(m, tmp):

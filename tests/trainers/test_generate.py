@@ -115,7 +115,7 @@ def test_eval_metric_nlg_is_accepted_and_checked(monkeypatch, tmp_path, tiny_lla
     from megaswift.arguments.train import SftArguments
     from megaswift.metrics import NlgMetric, metrics
     from megaswift.pipelines.train import preflight
-    from megaswift.trainers.loop import build_eval_metrics
+    from megaswift.trainers.eval_metrics import build_eval_metrics
     built = build_eval_metrics(['acc', 'nlg'])
     assert len(built) == 1 and isinstance(built[0], NlgMetric) and gen.needs_generation(built[0])
     monkeypatch.setitem(metrics, 'needs_both', _NeedsBoth)

@@ -5,6 +5,8 @@ Everything here runs in the pytest process without megatron-core's CPU layer (no
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import json
 
 import pytest
@@ -228,7 +230,8 @@ def test_plain_text_encoder(tiny_llama_dir):
 
 # ------------------------------------------------------------------------------------ loss (TP = 1)
 def test_loss_matches_torch_with_label_smoothing_and_padded_vocab():
-    from megaswift.trainers.loss import micro_batch_loss, vocab_parallel_argmax, vocab_parallel_token_loss
+    from megaswift.trainers.loss import vocab_parallel_argmax, vocab_parallel_token_loss
+    from megaswift.trainers.objectives import ModelOutput, build_objective
     g = torch.Generator().manual_seed(0)
     vocab, padded = 90, 128
     logits = torch.randn(2, 5, padded, generator=g) * 2
@@ -244,8 +247,9 @@ def test_loss_matches_torch_with_label_smoothing_and_padded_vocab():
         assert ((got - ref) * mask).abs().max() < 1e-5
     assert torch.equal(vocab_parallel_argmax(logits, vocab), logits[..., :vocab].argmax(-1))
     scale = torch.full((2, 5), 2.0)
-    loss, count, reduced = micro_batch_loss(logits, {'labels': target, 'loss_scale': scale}, torch.tensor([16.0]),
-                                            vocab_size=vocab)
+    sft = build_objective('sft', SimpleNamespace(label_smoothing=0.0))
+    batch = {'labels': target, 'loss_scale': scale, 'loss_denominator': torch.tensor([16.0])}
+    loss, count, reduced = sft.loss(ModelOutput(logits, None, vocab, impl='torch'), batch)
     ce = torch.nn.functional.cross_entropy(ref_logits, target.reshape(-1), reduction='sum')
     assert int(count) == 8 and abs(loss.item() - 2 * ce.item() / 16) < 1e-5
     assert torch.allclose(reduced['loss'], torch.tensor([2 * ce.item(), 8.0], dtype=torch.float64))
@@ -253,7 +257,7 @@ def test_loss_matches_torch_with_label_smoothing_and_padded_vocab():
 
 def test_eval_metrics_are_checked_against_what_evaluation_produces():
     from megaswift.arguments.base import ArgumentError
-    from megaswift.trainers.loop import build_eval_metrics
+    from megaswift.trainers.eval_metrics import build_eval_metrics
     assert build_eval_metrics(['loss', 'acc']) == []  # built in
     assert len(build_eval_metrics(['nlg'])) == 1  # generated text (trainers/generate.py; checks in test_generate.py)
     with pytest.raises(ArgumentError, match="--eval_metric: .*unknown metric 'bleu9'"):

@@ -60,7 +60,9 @@ LAYOUTS = [('tp2', 'ref'), ('tp2_sp', 'ref'), ('pp2', 'ref'), ('pp2_vpp2', 'ref'
            ('ref_mbs2', 'ref'), ('nopack_padded', 'nopack_padding_free'),
            # --cross_entropy_impl torch (logits + megatron-core's vocab-parallel CE) vs the fused chunked default
            ('ref_torch_ce', 'ref'), ('tp2_sp_ls_torch_ce', 'ref_ls'),
-           ('stream_dp2', 'stream')]  # --streaming: every DP rank reads the same stream and takes its share
+           ('stream_dp2', 'stream'),  # --streaming: every DP rank reads the same stream and takes its share
+           # objectives from an --external_plugins file (objective_plugins.py): z-loss; a frozen reference model
+           ('zloss_tp2', 'zloss'), ('zloss_pp2', 'zloss'), ('refkl_tp2', 'refkl'), ('refkl_pp2_vpp2', 'refkl')]
 
 
 @pytest.mark.parametrize('case, ref', LAYOUTS)
@@ -70,7 +72,8 @@ def test_layout_follows_single_process_trajectory(results, case, ref):
     rel = max(abs(x - y) / y for x, y in zip(got['grad_norm'], want['grad_norm']))
     assert rel <= GRAD_NORM_RTOL, (case, got['grad_norm'], want['grad_norm'])
     assert max_diff(got['lr'], want['lr']) <= 1e-12
-    assert got['loss'][-1] < got['loss'][0] - 0.3  # it learns (lr 1e-3)
+    if ref != 'refkl':  # (the reference-KL penalty holds the total near its start: see the test below)
+        assert got['loss'][-1] < got['loss'][0] - 0.3  # it learns (lr 1e-3)
 
 
 def test_trajectory_is_sensitive(results):
@@ -79,6 +82,15 @@ def test_trajectory_is_sensitive(results):
     ref = trajectory(results, 'ref')
     assert max_diff(trajectory(results, 'dp2_negative_per_rank_norm')['loss'], ref['loss']) > 100 * LOSS_TOL
     assert max_diff(trajectory(results, 'ref_ls')['loss'], ref['loss']) > 100 * LOSS_TOL
+
+
+def test_plugin_objectives_change_what_is_trained(results):
+    """The loop trains the --loss_type objective: z-loss adds its term from step 1; the reference-KL term is 0 at
+    step 1 (policy == frozen reference, same weights and layout) and pulls the trajectory away from SFT later."""
+    ref, zloss, refkl = (trajectory(results, name) for name in ('ref', 'zloss', 'refkl'))
+    assert min(z - r for z, r in zip(zloss['loss'], ref['loss'])) > 0.5, (zloss['loss'], ref['loss'])
+    assert abs(refkl['loss'][0] - ref['loss'][0]) <= LOSS_TOL, (refkl['loss'], ref['loss'])
+    assert max_diff(refkl['loss'][1:], ref['loss'][1:]) > 100 * LOSS_TOL, (refkl['loss'], ref['loss'])
 
 
 @pytest.mark.parametrize('uninterrupted, resumed', [('ref', 'resume'), ('dp2_distopt', 'dp2_distopt_resume')])

@@ -128,6 +128,9 @@ def label_smoothing_direct():
         destroy_parallel()
 
 
+PLUGINS = [str(Path(__file__).resolve().parent / 'objective_plugins.py')]
+Z_LOSS = dict(loss_type='z_loss_sft', external_plugins=PLUGINS)
+REF_KL = dict(loss_type='ref_kl_sft', external_plugins=PLUGINS)
 STREAMING = dict(streaming=True, max_length=128, shuffle_buffer_size=16, packing_interval=12)  # step 6 is in epoch 1
 
 
@@ -142,6 +145,8 @@ def world1(setup, work):
     case(setup, work, 'ref_qwen2', model=setup['model_qwen2'])
     case(setup, work, 'pt', command='pt', dataset=[setup['text_dataset']], micro_batch_size=2, max_steps=3)
     case(setup, work, 'stream', **STREAMING)
+    case(setup, work, 'zloss', **Z_LOSS)
+    case(setup, work, 'refkl', **REF_KL)
 
 
 def world2(setup, work):
@@ -159,6 +164,11 @@ def world2(setup, work):
          cross_entropy_impl='torch')
     case(setup, work, 'tp2_sp_qwen2', model=setup['model_qwen2'], tensor_model_parallel_size=2,
          sequence_parallel=True)
+    case(setup, work, 'zloss_tp2', tensor_model_parallel_size=2, sequence_parallel=True, **Z_LOSS)
+    case(setup, work, 'zloss_pp2', pipeline_model_parallel_size=2, **Z_LOSS)
+    case(setup, work, 'refkl_tp2', tensor_model_parallel_size=2, **REF_KL)
+    case(setup, work, 'refkl_pp2_vpp2', pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+         **REF_KL)
     restore = per_rank_normalisation()
     try:
         case(setup, work, 'dp2_negative_per_rank_norm')
