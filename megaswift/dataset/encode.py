@@ -4,8 +4,10 @@ Encoded samples are stored column-wise (one flat array of values plus per-sample
 is what the cache writes as ``.npy`` files and what packing needs: ``EncodedDataset.lengths`` comes
 without touching the tokens. Every key of the template's output is kept: lists of numbers (per-token
 columns such as ``input_ids``, or other sequences such as ``rejected_input_ids``) and single numbers per
-sample (a KTO ``label``, a margin), which ``EncodedDataset.scalars`` names and ``arrays(i)`` returns 0-d. Rows the template rejects become ``DatasetError``s that point at
-``file:line``; rows longer than ``max_length`` under truncation_strategy 'delete' are skipped and counted.
+sample (a KTO ``label``, a margin), which ``EncodedDataset.scalars`` names and ``arrays(i)`` returns 0-d.
+``EncodedDataset.lengths`` counts the tokens of all of a sample's model sequences (every ``*input_ids`` column).
+Rows the template rejects become ``DatasetError``s that point at ``file:line``; rows longer than ``max_length``
+under truncation_strategy 'delete' are skipped and counted.
 """
 from __future__ import annotations
 
@@ -115,7 +117,9 @@ class EncodedDataset(Sequence):
         self.num_rows = num_rows
         self.cache_path = cache_path
         self.from_cache = from_cache
-        ids = [k for k in self.lens if k == 'input_ids'] or [k for k in self.lens if k.endswith('input_ids')]
+        # tokens of every model sequence a sample holds (input_ids, chosen_/rejected_input_ids, kl_input_ids, ...):
+        # packing keeps a sample's sequences in one row
+        ids = [k for k in self.lens if k.endswith('input_ids')]
         self.lengths = sum((np.maximum(self.lens[k], 0) for k in ids), np.zeros(len(self.row_indices), np.int64))
 
     @classmethod

@@ -3,7 +3,8 @@
 Supported: ``messages`` (OpenAI roles plus tool_call / tool_response), alpaca
 (``instruction``/``input``/``output``), sharegpt (``conversations`` with from/value), and
 ``query``/``response`` (+ ``history``, ``system``). Columns that are not part of the
-conversation (``solution``, ``tools``, ``images``, ids ...) are kept unchanged.
+conversation (``solution``, ``tools``, ``images``, ids, preference columns ...) are kept unchanged, except a
+preference pair's ``rejected_messages``, which is checked like ``messages``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def normalize_row(row: dict[str, Any], source: RowSource) -> dict[str, Any]:
     else:
         raise DatasetError(source, f"no conversation found; expected one of the columns 'messages', 'conversations', "
                                    f"'instruction' or 'query' (columns present: {sorted(row)})")
+    if out.get('rejected_messages') is not None:  # a preference pair's whole rejected conversation
+        out['rejected_messages'] = _check_messages(out['rejected_messages'], source, 'rejected_messages')
     if 'tools' in out and out['tools'] is not None:
         out['tools'] = _check_tools(out['tools'], source)
     if 'solution' in out and out['solution'] is not None and not isinstance(out['solution'], str):

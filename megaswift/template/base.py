@@ -3,7 +3,9 @@
 Subclasses only ``render`` chat messages into segments (see ``segments.py``); the base class
 applies the agent template, the system override, the loss scale, tokenisation with character
 offsets (so each token is attributed to the segment its first character belongs to), the
-training/inference/RLHF modes and truncation.
+modes and truncation. Modes: 'train' (``input_ids``, ``labels``[, ``loss_scale``]), 'infer' (the prompt's
+``input_ids``), 'rlhf' (a preference pair: ``chosen_*`` and ``rejected_*`` columns and a scalar ``margin``) and
+'kto' (the row's columns, a scalar ``label`` and ``kl_*`` columns); see ``preference.py`` for the row formats.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ from ..utils.constants import IGNORE_INDEX
 from .agent import get_agent_template
 from .errors import MaxLengthExceeded, TemplateError
 from .loss_scale import get_loss_scale
+from .preference import completion_messages, kl_conversation, kto_label, pair_margin, rejected_conversation, relabelled
 from .segments import Segment, join_text
 
-MODES = ('train', 'infer', 'rlhf')
+MODES = ('train', 'infer', 'rlhf', 'kto')
 TRUNCATION_STRATEGIES = ('delete', 'left', 'right', 'error')
 
 
@@ -123,13 +126,35 @@ class Template:
             ids, _ = self._tokenize(segments, with_weights=False)
             return {'input_ids': self._truncate_prompt(ids)}
         if self.mode == 'rlhf':
-            if row.get('rejected_response') is None:
-                raise TemplateError('is required in rlhf mode', 'rejected_response')
-            chosen = self._encode_train(row)
-            rejected_messages = list(row['messages'][:-1]) + [{'role': 'assistant', 'content': row['rejected_response']}]
-            rejected = self._encode_train({**row, 'messages': rejected_messages})
-            return {**{f'chosen_{k}': v for k, v in chosen.items()}, **{f'rejected_{k}': v for k, v in rejected.items()}}
+            return self._encode_pair(row)
+        if self.mode == 'kto':
+            return self._encode_kto(row)
         return self._encode_train(row)
+
+    def _encode_pair(self, row: dict) -> dict[str, Any]:
+        """``chosen_*`` and ``rejected_*`` columns and the ``margin``; a side over max_length ('delete') skips the
+        pair as a whole (``MaxLengthExceeded`` from either side)."""
+        completion_messages(row)
+        rejected_messages, source = rejected_conversation(row)
+        margin = pair_margin(row)
+        chosen = self._encode_train(row)
+        rejected = self._encode_second(row, rejected_messages, source)
+        return {**{f'chosen_{k}': v for k, v in chosen.items()},
+                **{f'rejected_{k}': v for k, v in rejected.items()}, 'margin': margin}
+
+    def _encode_kto(self, row: dict) -> dict[str, Any]:
+        """The row's columns, its ``label`` (0/1) and ``kl_*``: the prompt answered with ``kl_response``."""
+        completion_messages(row, what='the completion')
+        label = kto_label(row)
+        kl = self._encode_second(row, kl_conversation(row), 'kl_response')
+        return {**self._encode_train(row), 'label': label, **{f'kl_{k}': v for k, v in kl.items()}}
+
+    def _encode_second(self, row: dict, messages: list[dict], source: str) -> dict[str, Any]:
+        """A second conversation of the row (built from its column ``source``); errors name that column."""
+        try:
+            return self._encode_train({**row, 'messages': messages})
+        except TemplateError as e:
+            raise relabelled(e, source, len(messages) - 1) from None
 
     def _encode_train(self, row: dict) -> dict[str, Any]:
         messages, tools = self.chat_messages(row)

@@ -9,6 +9,7 @@ class TemplateError(UserError, ValueError):
 
     def __init__(self, message: str, field: str | None = None):
         self.field = field
+        self.detail = message  # the message without the field
         super().__init__(f"field '{field}': {message}" if field else message)
 
 

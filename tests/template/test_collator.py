@@ -55,7 +55,10 @@ def test_no_columns_carries_only_the_base_keys():
     for padding_free in (True, False):
         batch = Collator(enc, [[0], [1], [2]], padding_free)([0, 1, 2])
         assert sorted(batch) == sorted(['input_ids', 'position_ids', 'labels', 'loss_scale', 'packed_seq_params',
-                                        'num_real_tokens', 'num_computed_tokens', 'num_samples'])
+                                        'num_real_tokens', 'num_computed_tokens', 'num_samples', 'num_sequences',
+                                        'sequences_per_sample', 'sequence_lengths'])
+        assert batch['num_sequences'] == batch['num_samples'] == 3 and batch['sequences_per_sample'] == 1
+        assert batch['sequence_lengths'].tolist() == [4, 3, 2]
 
 
 def test_missing_or_misshapen_columns_are_named():
