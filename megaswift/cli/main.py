@@ -36,6 +36,9 @@ COMMANDS: dict[str, Command] = {
     'sft': Command('megaswift.arguments.train:SftArguments', 'megaswift.pipelines.train:sft_main',
                    'supervised fine-tuning on megatron-core (TP/PP/VPP/SP/DP, packing, loss scale, resume)',
                    torchrun=True),
+    'rlhf': Command('megaswift.arguments.rlhf:RlhfArguments', 'megaswift.pipelines.train:rlhf_main',
+                    'preference / reward / distillation training on megatron-core: --rlhf_type dpo, orpo, simpo, '
+                    'cpo, kto, rm, gkd', torchrun=True),
     'pt': Command('megaswift.arguments.train:PtArguments', 'megaswift.pipelines.train:pt_main',
                   'continued pre-training on plain text on megatron-core (loss on every token)', torchrun=True),
 }

@@ -1,4 +1,4 @@
-"""``megaswift sft`` / ``megaswift pt``: wire the arguments to the megatron-core trainer.
+"""``megaswift sft`` / ``pt`` / ``rlhf``: wire the arguments to the megatron-core trainer and its objective.
 
 Order of work, so that bad input fails in seconds: flags (parse time) -> model config, layout and checkpoint
 checks (``preflight``) -> process groups -> dataset load, encode (cached; rank 0 first), packing, batch plan ->
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..arguments.base import ArgumentError
+from ..arguments.rlhf import RlhfArguments
 from ..arguments.train import PtArguments, SftArguments
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class Plan:
     hf_config: object
     max_length: int
     resume_dir: Optional[Path] = None
+    objective: type = None  # the Objective class (its template mode, sequences and columns shape the data)
 
 
 def preflight(args) -> Plan:
@@ -74,12 +76,28 @@ def preflight(args) -> Plan:
     from ..trainers.eval_metrics import build_eval_metrics
     from ..trainers.loop import objective_name
     from ..trainers.objectives import losses
-    losses.lookup(objective_name(args), flag='--loss_type')  # an unknown objective fails before any model is built
+    # an unknown objective fails before any model is built
+    flag = '--rlhf_type' if getattr(args, 'rlhf_type', None) else '--loss_type'
+    objective = losses.lookup(objective_name(args), flag=flag)
+    if args.streaming and tuple(objective.sequences) != ('',):
+        raise ArgumentError(f'--streaming is not supported for {flag} {objective_name(args)} yet (its samples hold '
+                            f'several sequences)')
+    if 'teacher' in objective.frozen_models:
+        check_same_tokenizer(model_dir, args.teacher_model)
     # unknown or unusable --eval_metric fail here, not after the model is built
     check_generation_layout(build_eval_metrics(list(args.eval_metric)), args)
     if args.mcore_model and not os.path.isdir(args.mcore_model):
         raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
-    return Plan(model_dir, hf_config, int(max_length), resume_dir)
+    return Plan(model_dir, hf_config, int(max_length), resume_dir, objective)
+
+
+def check_same_tokenizer(model_dir: str, teacher: str) -> None:
+    """Distillation compares distributions token by token: the teacher must share the student's vocabulary."""
+    from ..model import load_tokenizer, resolve_model_dir
+    teacher_dir = resolve_model_dir(teacher)
+    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(teacher_dir).get_vocab():
+        raise ArgumentError(f"--teacher_model '{teacher}' has another tokenizer than --model '{model_dir}'; "
+                            f'distillation needs the same vocabulary')
 
 
 def prepare_data(args, plan: Plan):
@@ -101,7 +119,7 @@ def prepare_data(args, plan: Plan):
                                    truncation_strategy=args.truncation_strategy)
         except ValueError as e:
             raise ArgumentError(f'--template: {e}') from None
-        encoder.set_mode('train')
+        encoder.set_mode(plan.objective.template_mode)
     else:
         encoder = PlainTextEncoder(tokenizer, plan.max_length, args.truncation_strategy)
     if args.streaming:
@@ -115,15 +133,22 @@ def prepare_data(args, plan: Plan):
             extra.rows += val_rows.rows
             extra.sources += val_rows.sources
         val_rows = extra
+    if plan.objective.template_mode == 'kto':  # each row's KL completion: the next row's answer
+        from ..dataset import add_kl_responses
+        train_rows = add_kl_responses(train_rows)
+        val_rows = add_kl_responses(val_rows) if val_rows is not None and len(val_rows) else val_rows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sequences, columns = tuple(plan.objective.sequences), tuple(plan.objective.columns)
+    row_length = plan.max_length * len(sequences)  # a sample's sequences share a packed row
     multiple = padding_multiple(args.tensor_model_parallel_size, 1, args.sequence_parallel)
 
     def collator(row_set, desc):
         if row_set is None:  # --streaming: the sampler makes one of every step's samples
             return Collator(None, [], args.padding_free, multiple, pad_id, plan.max_length), 0
         encoded = encode_on_rank0_first(row_set, encoder, args.dataset_num_proc, desc)
-        items = build_items(encoded, args.packing, plan.max_length)
-        return Collator(encoded, items, args.padding_free, multiple, pad_id, plan.max_length), len(items)
+        items = build_items(encoded, args.packing, row_length)
+        return Collator(encoded, items, args.padding_free, multiple, pad_id, row_length, columns=columns,
+                        sequences=sequences), len(items)
 
     train_collator, n_items = collator(train_rows, 'encoding train set')
     from ..trainers.generate import stop_token_ids
@@ -146,6 +171,9 @@ def prepare_data(args, plan: Plan):
                              f'({max_steps})')
     if args.streaming:
         return data, max_steps
+    check_data = getattr(plan.objective, 'check_data', None)
+    if check_data is not None:
+        check_data(train_collator.encoded, args)
     stats = train_collator.encoded.lengths
     logger.info('train set: %d samples -> %d %s, %d tokens (mean %.1f, max %d); %d steps of %d items',
                 len(stats), n_items, 'packed rows' if args.packing else 'items', int(stats.sum()),
@@ -169,7 +197,7 @@ def _seed_everything(seed: int) -> None:
 
 
 def train_main(args):
-    """Run ``sft`` / ``pt`` with ``args``; returns the final ``TrainerState`` (``log_history`` holds the logs)."""
+    """Run ``sft`` / ``pt`` / ``rlhf`` with ``args``; returns the final ``TrainerState`` (``log_history`` holds the logs)."""
     import torch
     for pattern in (r'.*(Transformer Engine|Apex) (and Apex )?(are|is) not installed', r'.*Falling back to Torch Norm',
                     r'full scope is deprecated', r'.*`torch.distributed.(reduce_scatter|all_gather_into)_tensor`',
@@ -224,3 +252,8 @@ def sft_main(args: SftArguments | None = None, **kwargs):
 def pt_main(args: PtArguments | None = None, **kwargs):
     """``megaswift pt``: continued pre-training on plain text (``text`` column), loss on every token."""
     return train_main(args if args is not None else PtArguments(**kwargs))
+
+
+def rlhf_main(args: RlhfArguments | None = None, **kwargs):
+    """``megaswift rlhf --rlhf_type dpo|orpo|simpo|cpo|kto|rm|gkd``: preference, reward and distillation training."""
+    return train_main(args if args is not None else RlhfArguments(**kwargs))

@@ -171,8 +171,9 @@ def _next_tokens(forward: Callable, sequences: list[list[int]], spec: Generation
     row = padding_free_collate([{'input_ids': s} for s in sequences], spec.pad_to_multiple_of, spec.pad_token_id)
     output = forward({'input_ids': row.input_ids, 'position_ids': row.position_ids,
                       'packed_seq_params': row.packed_seq_params()})
-    last = torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=output.output.device)
-    return output.select_positions(last).argmax().view(-1).tolist()
+    last = torch.zeros(row.input_ids.shape, dtype=torch.bool, device=output.output.device)
+    last[0, torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=last.device)] = True
+    return output.masked(last).argmax().view(-1).tolist()
 
 
 def greedy_generate(forward: Callable, prompts: list[list[int]], spec: GenerationSpec) -> list[list[int]]:

@@ -99,8 +99,11 @@ class Trainer:
         self.models = build_train_models(self.args, self.hf_config, self.model_dir, self.dtype, ctx, init_from,
                                          head=objective.head, fused_lm_head=fused)
         for name in objective.frozen_models:
-            self.frozen[name] = build_frozen_models(self.args, self.hf_config, self.frozen_model_dir(name),
-                                                    self.dtype, ctx, fused_lm_head=fused)
+            if name == 'policy' or self._reference_is_lora_base(name):
+                continue  # the trained model itself (forward-only; adapters off for the reference)
+            self.frozen[name] = build_frozen_models(self.args, self.frozen_hf_config(name),
+                                                    self.frozen_model_dir(name), self.dtype, ctx,
+                                                    fused_lm_head=fused)
         self.optimizer = build_optimizer(self.args, self.models, self.dtype)
         self.scheduler = build_scheduler(self.args, self.optimizer, self.state.max_steps)
         attach_schedule_hooks(self.models, self.optimizer)
@@ -119,6 +122,16 @@ class Trainer:
     def frozen_model_dir(self, name: str) -> str:
         """Where the frozen model ``name`` comes from: ``--ref_model`` / ``--teacher_model``, else ``--model``."""
         return getattr(self.args, f'{name}_model', None) or self.model_dir
+
+    def frozen_hf_config(self, name: str):
+        if self.frozen_model_dir(name) == self.model_dir:
+            return self.hf_config
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(self.frozen_model_dir(name))
+
+    def _reference_is_lora_base(self, name: str) -> bool:
+        """The reference of a LoRA run without ``--ref_model`` is the trained model with its adapters off."""
+        return name == 'ref' and self.args.tuner_type == 'lora' and not getattr(self.args, 'ref_model', None)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -169,10 +182,31 @@ class Trainer:
         return output, store
 
     def run_frozen_models(self, batches: list[dict]) -> None:
-        """Each frozen model's forward-only pass over ``batches``; ``frozen_outputs`` adds its results to them."""
-        for name, models in self.frozen.items():
-            with torch.no_grad():
+        """Each frozen model's forward-only pass over ``batches`` (``frozen_outputs`` adds its results to them),
+        then the objective's step preparation."""
+        import contextlib
+        for name in self.objective.frozen_models if batches else ():
+            models, switch = self.frozen.get(name), contextlib.nullcontext()
+            if models is None:  # 'policy', or the LoRA base as the reference
+                models = self.models
+                if name == 'ref':
+                    from ..tuners.lora import adapters_disabled
+                    switch = adapters_disabled(self.models)
+            with torch.no_grad(), switch:
                 run_schedule(models, batches, partial(self._frozen_step, name=name), forward_only=True)
+        self.objective.prepare_step(batches, self.parallel)
+
+    def _denominators(self, batches: list[dict]) -> None:
+        """``batch['loss_denominator']``: the objective's counts summed over the step (all micro-batches and
+        data-parallel ranks; every rank calls this, with or without micro-batches): a tensor, or a dict of
+        tensors named by ``objective.normalisers``."""
+        names = self.objective.normalisers
+        counts = [self.objective.count(b) for b in batches]
+        local = [sum(c[n] for c in counts) for n in names] if names else [sum(counts)]
+        totals = global_token_count(local, self.parallel.dp_group, self.device)
+        denominator = {n: totals[i] for i, n in enumerate(names)} if names else totals
+        for b in batches:
+            b['loss_denominator'] = denominator
 
     def _reduce(self, outputs: list, names: tuple) -> dict[str, tuple[float, float]]:
         """``{name: (sum, count)}`` over this rank's micro-batches, all DP ranks and (from the last stage) PP."""
@@ -195,9 +229,7 @@ class Trainer:
         mbs = self.args.micro_batch_size
         mine = rank_micro_batches(step_items, ctx.dp_rank, ctx.dp_size, mbs)
         batches = [to_device(b, self.device) for b in collate_micro_batches(self.data.collator, mine, self.fixed_shape)]
-        denominator = global_token_count(sum(self.objective.count(b) for b in batches), ctx.dp_group, self.device)
-        for b in batches:
-            b['loss_denominator'] = denominator
+        self._denominators(batches)
         self.run_frozen_models(batches)
         for m in self.models:
             m.zero_grad_buffer()
@@ -230,12 +262,10 @@ class Trainer:
             m.eval()
         mbs = eval_micro_batches(data.val_num_items, ctx.dp_rank, ctx.dp_size, self.args.micro_batch_size)
         outputs = []
+        batches = [to_device(b, self.device) for b in collate_micro_batches(data.val_collator, mbs, self.fixed_shape)]
+        self._denominators(batches)  # on every DP rank, also one without validation micro-batches
+        self.run_frozen_models(batches)
         if mbs:
-            batches = [to_device(b, self.device)
-                       for b in collate_micro_batches(data.val_collator, mbs, self.fixed_shape)]
-            for b in batches:
-                b['loss_denominator'] = torch.ones(1, device=self.device)
-            self.run_frozen_models(batches)
             outputs = run_schedule(self.models, batches, partial(self._forward_step, evaluate=True),
                                    forward_only=True)
         for m in self.models:
@@ -350,8 +380,8 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def objective_name(args) -> str:
-    """The ``losses`` entry a command trains: ``--loss_type``, else 'sft' (``sft`` and ``pt``)."""
-    return getattr(args, 'loss_type', None) or 'sft'
+    """The ``losses`` entry a command trains: ``rlhf``'s ``--rlhf_type``; ``sft``'s ``--loss_type``, else 'sft'."""
+    return getattr(args, 'rlhf_type', None) or getattr(args, 'loss_type', None) or 'sft'
 
 
 def _window_metrics(window: list[dict]) -> dict:

@@ -108,10 +108,11 @@ def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int | None = None, t
     return torch.stack(idxs).gather(0, best).squeeze(0)
 
 
-def global_token_count(local_count: int, dp_group=None, device=None) -> torch.Tensor:
-    """The step's normaliser (loss tokens, pairs, ...) summed over all DP ranks (a float tensor, >= 1 to keep
-    all-masked steps finite)."""
-    total = torch.tensor([float(local_count)], dtype=torch.float64, device=device)
+def global_token_count(local_count, dp_group=None, device=None) -> torch.Tensor:
+    """The step's normaliser (loss tokens, pairs, ...; a number or a list of them) summed over all DP ranks (a
+    float tensor of one entry per number, each >= 1 to keep all-masked steps finite)."""
+    counts = local_count if isinstance(local_count, (list, tuple)) else [local_count]
+    total = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=device)
     if dp_group is not None and torch.distributed.is_initialized() and dp_group.size() > 1:
         torch.distributed.all_reduce(total, group=dp_group)
     return total.clamp(min=1.0).to(torch.float32)

@@ -12,7 +12,7 @@ _LAZY = {
     'prepare_model': 'base', 'tuners': 'base', 'TunerError': 'base', 'trainable_parameters': 'base',
     'named_parameters': 'base', 'lora_config': 'base',
     'LoraConfig': 'lora', 'LoraError': 'lora', 'add_lora': 'lora', 'merge_lora': 'lora', 'lora_modules': 'lora',
-    'resolve_target_modules': 'lora', 'LoraParallelLinear': 'lora',
+    'resolve_target_modules': 'lora', 'LoraParallelLinear': 'lora', 'adapters_disabled': 'lora',
     'lora_state_dict': 'lora_io', 'load_lora_state_dict': 'lora_io', 'export_peft_adapter': 'lora_io',
     'to_peft_tensors': 'lora_io',
 }

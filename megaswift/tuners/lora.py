@@ -103,8 +103,12 @@ class LoraParallelLinear:
     def lora_sequence_parallel(self) -> bool:
         return bool(getattr(self, 'sequence_parallel', self.config.sequence_parallel)) and self.lora_tp_size > 1
 
+    lora_enabled = True  # False inside ``adapters_disabled``: the base layer alone
+
     def forward(self, input_, *args, **kwargs):
         out = super().forward(input_, *args, **kwargs)
+        if not self.lora_enabled:
+            return out
         gather = kwargs.get('runtime_gather_output', args[1] if len(args) > 1 else None)  # column-parallel only
         delta = self.lora_delta(input_, gather)
         return (out[0] + delta, *out[1:])
@@ -222,6 +226,20 @@ def lora_modules(models):
         for name, module in model.named_modules():
             if isinstance(module, LoraParallelLinear):
                 yield global_name(name, offsets), module, model
+
+
+@contextlib.contextmanager
+def adapters_disabled(models):
+    """Run ``models`` as their base model: every LoRA layer skips its adapter inside the block (the reference
+    model of preference training under LoRA, without a second copy of the weights)."""
+    modules = [module for _, module, _ in lora_modules(models)]
+    for module in modules:
+        module.lora_enabled = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.lora_enabled  # back to the class default
 
 
 @torch.no_grad()

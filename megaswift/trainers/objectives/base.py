@@ -8,10 +8,17 @@ any particular loss. An ``Objective`` tells it
   without an optimizer (``trainers/model.py: build_frozen_models``); before each step the loop runs them
   forward-only over the step's micro-batches and lets ``frozen_outputs`` store what the loss needs in the
   batch (e.g. ``batch['ref_logps']``) on the last pipeline stage;
+  The name 'policy' is the trained model itself, run forward-only without gradients (KTO's KL reference point,
+  GRPO's old log-probs); 'ref' under LoRA without ``--ref_model`` is the trained model with its adapters off;
+- ``template_mode`` and ``sequences``: how a dataset row is encoded ('train', 'rlhf' pairs, 'kto') and the model
+  sequences one encoded sample holds (``('chosen_', 'rejected_')``: a pair, packed as two sequences);
 - ``columns``: the encoded columns the collator must carry besides ``input_ids``/``labels``/``loss_scale``;
-- ``count(batch)``: what one micro-batch adds to the step's normaliser (loss tokens for SFT, pairs for DPO);
-  the loop sums it over the step's micro-batches and data-parallel ranks and hands the total to ``loss`` as
-  ``batch['loss_denominator']``, so any layout follows the single-process trajectory;
+- ``count(batch)``: what one micro-batch adds to the step's normaliser (loss tokens for SFT, pairs for DPO), or
+  a dict of several (pairs and chosen tokens); the loop sums each over the step's micro-batches and
+  data-parallel ranks and hands the totals to ``loss`` as ``batch['loss_denominator']`` (a tensor, or a dict
+  of them), so any layout follows the single-process trajectory;
+- ``prepare_step(batches, parallel)``: called after the frozen passes with all of the step's micro-batches (a
+  step-level quantity such as KTO's reference point, all-reduced over data-parallel ranks, goes in here);
 - ``loss(output, batch, evaluate)``: the micro-batch loss, with the contract of megatron-core's schedules
   (``calculate_per_token_loss``): ``(loss already divided by the step denominator, local count, metrics)``.
   ``metrics`` maps each name of ``train_metrics`` (or ``eval_metrics``) to a ``[sum, count]`` float64 pair,
@@ -73,10 +80,9 @@ class ModelOutput:
         per_token, _ = self.token_losses(labels)
         return (-per_token).masked_fill(labels == IGNORE_INDEX, 0.0)
 
-    def select_positions(self, index: torch.Tensor) -> 'ModelOutput':
-        """The output at positions ``index`` of the first row (``[n, ...]``), e.g. each sequence's last token."""
-        return ModelOutput(self.output[0].index_select(0, index), self.head_weight, self.vocab_size, self.tp_group,
-                           self.impl)
+    def masked(self, mask: torch.Tensor) -> 'ModelOutput':
+        """The output at the positions where ``mask`` (shaped like the input ids) is true: ``[n, ...]``."""
+        return ModelOutput(self.output[mask], self.head_weight, self.vocab_size, self.tp_group, self.impl)
 
     @torch.no_grad()
     def argmax(self) -> torch.Tensor:
@@ -102,10 +108,18 @@ class ModelOutput:
         logits = torch.matmul(hidden, self.head_weight.t())
         return prepare_logits(logits, self.vocab_size, self.tp_group)
 
+    def log_softmax(self) -> torch.Tensor:
+        """This rank's ``[..., V/tp]`` share of the full-vocabulary log-softmax (differentiable, correct under TP;
+        materialises the logits: use on selected positions, ``masked``)."""
+        z = self.vocab_parallel_logits()
+        return z - self._log_sum_exp(z).unsqueeze(-1)
+
     def log_sum_exp(self) -> torch.Tensor:
         """``log sum_v exp(z_v)`` over the full vocabulary, per token (differentiable, correct under TP)."""
+        return self._log_sum_exp(self.vocab_parallel_logits())
+
+    def _log_sum_exp(self, z: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
-        z = self.vocab_parallel_logits()
         z_max = z.detach().max(dim=-1).values
         if _tp_size(self.tp_group) > 1:
             torch.distributed.all_reduce(z_max, op=torch.distributed.ReduceOp.MAX, group=self.tp_group)
@@ -113,6 +127,14 @@ class ModelOutput:
         if _tp_size(self.tp_group) > 1:
             sum_exp = reduce_from_tensor_model_parallel_region(sum_exp, group=self.tp_group)
         return z_max + torch.log(sum_exp)
+
+    def vocab_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (``[..., V/tp]``) summed over the full vocabulary (differentiable all-reduce under TP)."""
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+        total = values.sum(-1)
+        if _tp_size(self.tp_group) > 1:
+            total = reduce_from_tensor_model_parallel_region(total, group=self.tp_group)
+        return total
 
 
 def _tp_size(group) -> int:
@@ -128,16 +150,26 @@ class Objective:
     """Base class of the training objectives (see the module docstring for the contract)."""
     head: str = 'lm'
     frozen_models: tuple[str, ...] = ()
+    template_mode: str = 'train'
+    sequences: tuple[str, ...] = ('',)
     columns: tuple[str, ...] = ()
+    normalisers: tuple[str, ...] = ()  # the names of ``count``'s dict; empty: it returns one number
     train_metrics: tuple[str, ...] = ('loss',)
     eval_metrics: tuple[str, ...] = ('loss',)
 
     def __init__(self, args):
         self.args = args
 
-    def count(self, batch: dict) -> int:
+    def count(self, batch: dict) -> int | dict[str, int]:
         """This micro-batch's share of the step's normaliser (default: its loss tokens)."""
         return int((batch['labels'] != IGNORE_INDEX).sum())
+
+    @classmethod
+    def check_data(cls, encoded, args) -> None:
+        """A look at the encoded training set before training (e.g. KTO's label balance); default: nothing."""
+
+    def prepare_step(self, batches: list[dict], parallel) -> None:
+        """Step-level preparation after the frozen passes (default: nothing)."""
 
     def loss(self, output: ModelOutput, batch: dict, evaluate: bool = False):
         raise NotImplementedError
