@@ -54,20 +54,34 @@ def base(setup: dict, work: Path, name: str) -> dict:
 
 def trajectory(state) -> dict:
     logs = [h for h in state.log_history if 'loss' in h and 'eval_loss' not in h]
-    return {'step': [h['step'] for h in logs], 'loss': [h['loss'] for h in logs],
-            'grad_norm': [h['grad_norm'] for h in logs], 'lr': [h['lr'] for h in logs]}
+    out = {'step': [h['step'] for h in logs], 'loss': [h['loss'] for h in logs],
+           'grad_norm': [h['grad_norm'] for h in logs], 'lr': [h['lr'] for h in logs]}
+    metrics = sorted({k for h in logs for k in h if '/' in k or k == 'kl'})  # an objective's own (rlhf)
+    if metrics:
+        out['metrics'] = {k: [h.get(k) for h in logs] for k in metrics}
+    evals = [h for h in state.log_history if 'eval_loss' in h]
+    if evals:
+        out['eval'] = evals
+    return out
+
+
+COMMANDS = {'sft': ('SftArguments', 'sft_main'), 'pt': ('PtArguments', 'pt_main'),
+            'rlhf': ('RlhfArguments', 'rlhf_main')}
 
 
 def case(setup, work, name, command='sft', **overrides):
-    from megaswift.arguments.train import PtArguments, SftArguments
-    from megaswift.pipelines.train import pt_main, sft_main
+    import megaswift.arguments.rlhf
+    import megaswift.arguments.train
+    import megaswift.pipelines.train as pipelines
+    args_name, main_name = COMMANDS[command]
+    args_cls = getattr(megaswift.arguments.train, args_name, None) or getattr(megaswift.arguments.rlhf, args_name)
     only = os.environ.get('MEGASWIFT_TRAIN_CASES')  # a comma-separated subset, for debugging
     if only and name not in only.split(','):
         return
     print(f'[rank {os.environ.get("RANK", 0)}] case {name}', flush=True)
     try:
         kwargs = {**base(setup, work, name), **overrides}
-        state = sft_main(SftArguments(**kwargs)) if command == 'sft' else pt_main(PtArguments(**kwargs))
+        state = getattr(pipelines, main_name)(args_cls(**kwargs))
         results[name] = trajectory(state)
     except Exception as exc:  # noqa: BLE001 - reported to pytest
         results[name] = {'error': f'{type(exc).__name__}: {exc}', 'traceback': traceback.format_exc()[-4000:]}
@@ -84,7 +98,8 @@ def per_rank_normalisation():
 
     def local(count, group=None, device=None):
         size = group.size() if group is not None else 1
-        return torch.tensor([float(max(count, 1) * size)], device=device)
+        counts = count if isinstance(count, (list, tuple)) else [count]
+        return torch.tensor([float(max(c, 1) * size) for c in counts], device=device)
     loop.global_token_count = local
     return lambda: setattr(loop, 'global_token_count', good)
 
@@ -181,7 +196,9 @@ def world2(setup, work):
                                              'traceback': traceback.format_exc()[-4000:]}
 
 
-def main():
+def main(world1=world1, world2=world2):
+    """Run ``world1`` (one process) or ``world2`` (torchrun, two) and write the merged results (``rlhf_cases.py``
+    passes its own)."""
     out_path, setup_path = sys.argv[1], sys.argv[2]
     import faulthandler
     faulthandler.dump_traceback_later(int(os.environ.get('MEGASWIFT_CASES_TIMEOUT', 300)), exit=True)

@@ -1,0 +1,88 @@
+"""The ``megaswift rlhf`` training cases of one world size, in one launch (see ``train_cases.py``, whose runner
+and ``case`` this reuses): DPO and KTO at every layout against one process, LoRA, resume, the reward model's
+evaluation with swapped columns, and a negative control.
+
+    python tests/trainers/rlhf_cases.py OUT.json SETUP.json
+    python -m torch.distributed.run --nproc_per_node 2 --standalone tests/trainers/rlhf_cases.py OUT.json SETUP.json
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from train_cases import WORDS, case, main, per_rank_normalisation
+
+
+def write_preference_data(root: Path, n: int = 32, seed: int = 0) -> dict:
+    """Pairs (chosen: a word list; rejected: it reversed plus a word; every third row with a margin), the same
+    pairs with the columns swapped, and KTO rows (the pairs' chosen answers as desirable, rejected as not)."""
+    rng = random.Random(seed)
+    pairs, swapped, kto = [], [], []
+    for i in range(n):
+        prompt = ' '.join(rng.choices(WORDS, k=rng.randint(1, 5)))
+        chosen = ' '.join(rng.choices(WORDS, k=rng.randint(2, 10)))
+        rejected = ' '.join(reversed(chosen.split())) + ' ' + rng.choice(WORDS)
+        messages = [{'role': 'user', 'content': prompt}]
+        margin = {'margin': 0.5} if i % 3 == 0 else {}
+        pairs.append({'messages': messages + [{'role': 'assistant', 'content': chosen}],
+                      'rejected_response': rejected, **margin})
+        swapped.append({'messages': messages + [{'role': 'assistant', 'content': rejected}],
+                        'rejected_response': chosen, **margin})
+        kto.append({'messages': messages + [{'role': 'assistant', 'content': chosen if i % 2 else rejected}],
+                    'label': bool(i % 2)})
+    paths = {}
+    # four rows: a global batch of 4 sees the same rows every step (the learning checks)
+    for name, rows in (('pairs', pairs), ('pairs_swapped', swapped), ('kto', kto), ('pairs4', pairs[:4]),
+                       ('kto4', kto[:4])):
+        paths[name] = str(root / f'{name}.jsonl')
+        Path(paths[name]).write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return paths
+
+
+def rlhf(setup, work, name, rlhf_type, data='pairs', **overrides):
+    case(setup, work, name, command='rlhf', rlhf_type=rlhf_type, dataset=[setup[data]], max_length=48,
+         **overrides)
+
+
+DPO_RPO = dict(rpo_alpha=0.5)  # the NLL term: normalised by the step's chosen tokens
+LORA = dict(tuner_type='lora', lr=1e-2, lora_dropout=0.0)  # dropout masks would differ between layouts
+
+
+def world1(setup, work):
+    rlhf(setup, work, 'dpo', 'dpo', save_steps=3)
+    rlhf(setup, work, 'dpo_resume', 'dpo', resume_from_checkpoint=str(work / 'dpo' / 'iter_0000003'))
+    rlhf(setup, work, 'dpo_nopack', 'dpo', packing=False)
+    rlhf(setup, work, 'dpo_mbs2', 'dpo', micro_batch_size=2, packing=False)
+    rlhf(setup, work, 'dpo_hinge', 'dpo', loss_type=['hinge'])
+    rlhf(setup, work, 'dpo_ipo', 'dpo', loss_type=['ipo'])
+    rlhf(setup, work, 'dpo_rpo', 'dpo', **DPO_RPO)
+    rlhf(setup, work, 'dpo_lora', 'dpo', **LORA)
+    rlhf(setup, work, 'kto', 'kto', data='kto')
+    rlhf(setup, work, 'dpo_overfit', 'dpo', data='pairs4', packing=False)
+    rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
+    rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
+    for name, val in (('rm_eval', 'pairs'), ('rm_eval_swapped', 'pairs_swapped')):
+        rlhf(setup, work, name, 'rm', val_dataset=[setup[val]], eval_steps=1000)
+
+
+def world2(setup, work):
+    rlhf(setup, work, 'dpo_tp2', 'dpo', tensor_model_parallel_size=2, sequence_parallel=True)
+    rlhf(setup, work, 'dpo_pp2', 'dpo', pipeline_model_parallel_size=2)
+    rlhf(setup, work, 'dpo_pp2_vpp2', 'dpo', pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    rlhf(setup, work, 'dpo_dp2_distopt', 'dpo', use_distributed_optimizer=True)
+    rlhf(setup, work, 'dpo_rpo_dp2', 'dpo', **DPO_RPO)
+    rlhf(setup, work, 'dpo_lora_tp2', 'dpo', tensor_model_parallel_size=2, **LORA)
+    rlhf(setup, work, 'kto_tp2', 'kto', data='kto', tensor_model_parallel_size=2)
+    rlhf(setup, work, 'kto_pp2_vpp2', 'kto', data='kto', pipeline_model_parallel_size=2,
+         virtual_pipeline_model_parallel_size=2)
+    rlhf(setup, work, 'kto_dp2_distopt', 'kto', data='kto', use_distributed_optimizer=True)
+    restore = per_rank_normalisation()
+    try:
+        rlhf(setup, work, 'dpo_rpo_dp2_negative_per_rank_norm', 'dpo', **DPO_RPO)
+    finally:
+        restore()
+
+
+if __name__ == '__main__':
+    main(world1, world2)

@@ -1,0 +1,102 @@
+"""``megaswift rlhf`` on megatron-core: DPO and KTO at TP2+SP / PP2 / PP2xVPP2 / DP2+distributed optimizer /
+LoRA+TP2 follow the single-process trajectory; resume is bit-exact; the loss type is the one asked for; the
+reward model's evaluation flips with swapped columns; a per-rank normalisation is caught.
+
+One launch of ``rlhf_cases.py`` per world size (1: plain python; 2: torchrun, gloo). Every case trains 6 steps
+(global batch 4, packing, lr 1e-3, warmup + cosine) on the tiny random llama of ``test_train_layouts.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rlhf_cases import write_preference_data
+from testing_utils import build_tiny_model, run_case_script
+from test_train_layouts import GRAD_NORM_RTOL, LOSS_TOL, max_diff, trajectory
+
+HERE = Path(__file__).resolve().parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def results(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp('rlhf_layouts')
+    setup = {'model': build_tiny_model(root / 'llama', 'llama', smollm2_dir, seed=0, num_hidden_layers=4,
+                                       num_key_value_heads=2), **write_preference_data(root)}
+    setup['dataset'] = setup['pairs']
+    (root / 'setup.json').write_text(json.dumps(setup))
+    return run_case_script(HERE / 'rlhf_cases.py', root, root / 'setup.json', timeout=420,
+                           env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
+
+
+LAYOUTS = [('dpo_tp2', 'dpo'), ('dpo_pp2', 'dpo'), ('dpo_pp2_vpp2', 'dpo'), ('dpo_dp2_distopt', 'dpo'),
+           ('dpo_mbs2', 'dpo_nopack'), ('dpo_rpo_dp2', 'dpo_rpo'), ('dpo_lora_tp2', 'dpo_lora'),
+           ('kto_tp2', 'kto'), ('kto_pp2_vpp2', 'kto'), ('kto_dp2_distopt', 'kto')]
+
+
+@pytest.mark.parametrize('case, ref', LAYOUTS)
+def test_layout_follows_single_process_trajectory(results, case, ref):
+    got, want = trajectory(results, case), trajectory(results, ref)
+    assert max_diff(got['loss'], want['loss']) <= LOSS_TOL, (case, got['loss'], want['loss'])
+    rel = max(abs(x - y) / y for x, y in zip(got['grad_norm'], want['grad_norm']))
+    assert rel <= GRAD_NORM_RTOL, (case, got['grad_norm'], want['grad_norm'])
+    for name, values in want.get('metrics', {}).items():
+        assert max_diff(got['metrics'][name], values) <= 1e-4, (case, name, got['metrics'][name], values)
+
+
+def test_preference_training_learns_from_the_reference(results):
+    """Step 1: policy == reference, so DPO's loss is log 2 and its rewards 0; on four pairs seen every step the
+    loss falls and the reward margin grows (full and LoRA, whose reference is the base with adapters off)."""
+    for name in ('dpo', 'dpo_lora', 'dpo_overfit', 'dpo_lora_overfit'):
+        dpo = trajectory(results, name)
+        assert abs(dpo['loss'][0] - math.log(2)) < 1e-6, (name, dpo['loss'])
+        assert dpo['metrics']['rewards/margins'][0] == 0.0
+    for name in ('dpo_overfit', 'dpo_lora_overfit'):
+        dpo = trajectory(results, name)
+        assert dpo['loss'][-1] < dpo['loss'][0] - 0.05 and dpo['metrics']['rewards/margins'][-1] > 0.05, dpo
+    for name in ('kto', 'kto_overfit'):
+        assert abs(trajectory(results, name)['loss'][0] - 0.5) < 1e-6  # 1 - s(0) for every completion at step 1
+    kto = trajectory(results, 'kto_overfit')
+    assert kto['loss'][-1] < kto['loss'][0] - 0.01, kto
+
+
+def test_kto_reference_point_is_exercised(results):
+    """The DP2 comparison checks the all-reduced KL reference point only if it is not clamped to 0 throughout."""
+    assert max(trajectory(results, 'kto')['metrics']['kl']) > 0, trajectory(results, 'kto')['metrics']
+
+
+def test_loss_type_is_the_one_asked_for(results):
+    """Megatron-SWIFT trained hinge and ipo as sigmoid (ms-swift PR #10167): here each has its own loss."""
+    sigmoid, hinge, ipo = (trajectory(results, n)['loss'] for n in ('dpo', 'dpo_hinge', 'dpo_ipo'))
+    assert abs(hinge[0] - 1.0) < 1e-6  # relu(1 - 0)
+    assert abs(ipo[0] - (1 / (2 * 0.1)) ** 2) < 1e-4  # (0 - 1 / (2 beta))^2
+    assert abs(sigmoid[0] - math.log(2)) < 1e-6
+
+
+def test_resume_is_bit_exact(results):
+    a, b = trajectory(results, 'dpo'), trajectory(results, 'dpo_resume')
+    for key in ('loss', 'grad_norm', 'lr'):
+        assert a[key][3:] == b[key][3:], (key, a[key], b[key])
+    assert a['metrics'] == {k: v for k, v in b['metrics'].items()}
+
+
+def test_reward_model_evaluation_flips_with_swapped_columns(results):
+    """ms-swift #9370 reported accuracy 1.0 with chosen and rejected swapped. Same training, validation pairs
+    swapped: accuracy becomes 1 - itself, margins change sign."""
+    plain = trajectory(results, 'rm_eval')['eval'][-1]
+    swapped = trajectory(results, 'rm_eval_swapped')['eval'][-1]
+    assert 0.0 < plain['eval_rewards/accuracies'] < 1.0 or plain['eval_rewards/accuracies'] == 1.0
+    assert abs(plain['eval_rewards/accuracies'] + swapped['eval_rewards/accuracies'] - 1.0) < 1e-9, (plain, swapped)
+    assert abs(plain['eval_rewards/margins'] + swapped['eval_rewards/margins']) < 1e-5, (plain, swapped)
+    assert plain['eval_rewards/accuracies'] > 0.5  # the training pairs are the validation pairs
+
+
+def test_per_rank_normalisation_is_caught(results):
+    """Negative control: dividing the NLL term by each rank's chosen tokens (times DP) instead of the step's."""
+    ref = trajectory(results, 'dpo_rpo')
+    bad = trajectory(results, 'dpo_rpo_dp2_negative_per_rank_norm')
+    assert max_diff(bad['loss'], ref['loss']) > 100 * LOSS_TOL, (bad['loss'], ref['loss'])
