@@ -255,8 +255,6 @@ def test_dpo_pair_loss(loss_type, eps, beta):
                       [rc, rr], wrt=(0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason='exp(-z) overflows to inf in fp32 for z = beta*delta < -88.7 while '
-                                       's(z/tau) underflows to 0: 0 * inf = NaN, in the value and the gradient')
 def test_discopop_very_negative_margin():
     rc, rr = on_grid([-100, -5, -300]), on_grid([0, 100, 700])
     check_elementwise(lambda c, r: dpo_pair_loss('discopop', c, r, 1.0), dpo_references(1.0, 0.0)['discopop'],
@@ -292,9 +290,6 @@ def test_orpo_odds_ratio_term():
     check_elementwise(orpo_odds_ratio_term, orpo_reference, [on_grid(lc), on_grid(lr)], wrt=(0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason='log1p(-exp(x)) in fp32 cancels for a mean log-prob x near 0 (a near-certain '
-                                       'completion): the gradient is off by ~3e-8/|x| relative (3e-6 at x = -0.01), '
-                                       'and -inf / NaN once exp(x) rounds to 1 (|x| < 6e-8); log(-expm1(x)) is exact')
 def test_orpo_near_certain_completion():
     lc = torch.tensor([-0.01, -0.002, -1e-5, -1e-8], dtype=torch.float32)
     lr = torch.full_like(lc, -2.0)

@@ -5,8 +5,8 @@
 
 with ``rc = log pi(y_c|x) - log pi_ref(y_c|x)`` (``rr`` likewise), ``l_k`` the ``--loss_type`` variants of
 ``preference_losses.dpo_pair_loss`` and ``w_k`` their ``--loss_weights``. Both counts are the whole step's (all
-micro-batches and data-parallel ranks), so every layout trains the same loss. The log-probs are length-averaged
-when ``ipo`` is among the variants (IPO's formulation); ``--ld_alpha`` down-weights the tokens past the shorter
+micro-batches and data-parallel ranks), so every layout trains the same loss. ``ipo`` takes length-averaged
+log-probs (IPO's formulation, as TRL >= 0.29), the others summed ones; ``--ld_alpha`` down-weights the tokens past the shorter
 response of the pair (LD-DPO). The reference model is frozen (``--ref_model``, default ``--model``; under LoRA the
 base model with the adapters off); ``--reference_free`` drops it.
 """
@@ -81,31 +81,37 @@ class DpoObjective(PairObjective):
         self.eps = float(getattr(args, 'label_smoothing', 0.0) or 0.0)
         self.rpo_alpha = float(getattr(args, 'rpo_alpha', None) or 0.0)
         self.ld_alpha = getattr(args, 'ld_alpha', None)
-        self.average = 'ipo' in self.loss_types
         self.frozen_models = () if getattr(args, 'reference_free', False) else ('ref',)
 
-    def _logps(self, output: ModelOutput, batch: dict):
-        logps = sequence_logps(output, batch, self.ld_alpha)
-        return logps, (logps.means if self.average else logps.sums)
-
     def frozen_outputs(self, name: str, output: ModelOutput, batch: dict) -> dict:
-        return {'ref_logps': self._logps(output, batch)[1]}
+        logps = sequence_logps(output, batch, self.ld_alpha)
+        return {'ref_logps': logps.sums, 'ref_logps_mean': logps.means}
 
     def loss(self, output: ModelOutput, batch: dict, evaluate: bool = False):
-        logps, policy = self._logps(output, batch)
-        ref = batch['ref_logps'] if 'ref' in self.frozen_models else torch.zeros_like(policy)
-        ratios = policy - ref.to(policy.dtype)
-        rc, rr = ratios[0::2], ratios[1::2]
-        pair_losses = torch.zeros_like(rc)
+        logps = sequence_logps(output, batch, self.ld_alpha)
         nll_weight = self.rpo_alpha
+        pair_losses = torch.zeros_like(logps.sums[0::2])
+        ratios = {}
         for loss_type, weight in zip(self.loss_types, self.loss_weights):
             if loss_type == 'sft':
                 nll_weight += weight
-            else:
-                pair_losses = pair_losses + weight * dpo_pair_loss(loss_type, rc, rr, self.beta, self.eps)
-        metrics = reward_metrics(self.beta * rc.detach(), self.beta * rr.detach(), policy[0::2].detach(),
-                                 policy[1::2].detach())
+                continue
+            average = loss_type == 'ipo'
+            if average not in ratios:
+                ratios[average] = self._ratios(logps.means if average else logps.sums, batch, average)
+            rc, rr = ratios[average]
+            pair_losses = pair_losses + weight * dpo_pair_loss(loss_type, rc, rr, self.beta, self.eps)
+        rc, rr = ratios.get(False) or self._ratios(logps.sums, batch, False)
+        chosen, rejected = logps.pairs()
+        metrics = reward_metrics(self.beta * rc.detach(), self.beta * rr.detach(), chosen.detach(),
+                                 rejected.detach())
         return self.finish(pair_losses, self.chosen_nll(logps, batch), nll_weight, batch, metrics)
+
+    def _ratios(self, policy: torch.Tensor, batch: dict, average: bool):
+        """``(rc, rr)``: the policy's minus the reference's log-probs of the chosen / rejected responses."""
+        if 'ref' in self.frozen_models:
+            policy = policy - batch['ref_logps_mean' if average else 'ref_logps'].to(policy.dtype)
+        return policy[0::2], policy[1::2]
 
 
 __all__ = ['DpoObjective', 'PairObjective', 'chosen_token_mask', 'reward_metrics']

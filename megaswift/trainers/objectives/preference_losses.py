@@ -59,9 +59,11 @@ def dpo_pair_loss(loss_type: str, rc: torch.Tensor, rr: torch.Tensor, beta: floa
         e = eps or EXO_DEFAULT_EPS
         return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log(1 - e))
                 + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
-    if loss_type == 'discopop':
-        m = torch.sigmoid(z / DISCOPOP_TAU)
-        return (1 - m) * -F.logsigmoid(z) + m * torch.exp(-z)
+    if loss_type == 'discopop':  # m exp(-z) as exp(log m - z): no 0 * inf when z is very negative
+        m_log = F.logsigmoid(z / DISCOPOP_TAU)
+        return torch.sigmoid(-z / DISCOPOP_TAU) * -F.logsigmoid(z) + torch.exp(m_log - z)
+    if loss_type == 'sft':
+        raise ValueError("loss type 'sft' is the chosen responses' NLL, which the DPO objective adds itself")
     raise ValueError(f'unknown DPO loss type {loss_type!r} (one of {", ".join(DPO_LOSS_TYPES)})')
 
 
@@ -76,8 +78,9 @@ def cpo_pair_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta
 def orpo_odds_ratio_term(chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor) -> torch.Tensor:
     """ORPO (Hong et al. 2024): log s(log odds(y_w) - log odds(y_l)) with odds(y) = P(y) / (1 - P(y)) on the
     length-averaged log-probability; the loss is NLL(chosen) - lambda * this term."""
+    # log(1 - P) as log(-expm1(log P)): exact for P near 1, where log1p(-exp(.)) cancels
     log_odds = (chosen_avg_logps - rejected_avg_logps) - (
-        torch.log1p(-torch.exp(chosen_avg_logps)) - torch.log1p(-torch.exp(rejected_avg_logps)))
+        torch.log(-torch.expm1(chosen_avg_logps)) - torch.log(-torch.expm1(rejected_avg_logps)))
     return F.logsigmoid(log_odds)
 
 
