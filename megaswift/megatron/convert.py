@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from megaswift.megatron.build import unwrap_model
+from megaswift.megatron.heads import has_value_head, value_head_rule
 from megaswift.megatron.parallel import ParallelContext
 from megaswift.megatron.weights import copy_slice, expected_hf_shapes, full_shape, shard, to_hf, to_mcore, unshard
 
@@ -123,8 +124,11 @@ def _mapped_tensors(models):
         info = model.megaswift_info
         ctx = info.weight_context()
         wmap = info.family.weight_map(info.hf_config)
+        value_head = has_value_head(model)
         for name, param in _model_tensors(model):
             rule, layer = wmap.match(name)
+            if value_head and name == 'output_layer.weight':
+                rule = value_head_rule()
             if rule is None:
                 raise WeightLoadError(f'no weight rule of family {info.family.model_type!r} maps megatron-core '
                                       f'parameter {name!r}')

@@ -53,6 +53,33 @@ def head_weight(model) -> torch.Tensor:
     return model.output_layer.weight
 
 
+VALUE_HEAD_HF_NAME = 'score.weight'  # transformers' *ForSequenceClassification head ([num_labels, H])
+
+
+def value_head_rule():
+    """The weight rule of a ``ValueHead``: HF ``score.weight``, replicated over TP (``convert.py`` uses it in place
+    of the LM head's rule, so the saved model loads as ``AutoModelForSequenceClassification``)."""
+    from .weights import WeightRule
+    return WeightRule('output_layer.weight', (VALUE_HEAD_HF_NAME,))
+
+
+def has_value_head(model) -> bool:
+    return isinstance(getattr(model, 'output_layer', None), ValueHead)
+
+
+def sequence_classification_config(hf_config, pad_token_id):
+    """A copy of ``hf_config`` for the value-head model as transformers' sequence classifier (one label)."""
+    import copy
+    cfg = copy.deepcopy(hf_config)
+    cfg.architectures = [a.replace('ForCausalLM', 'ForSequenceClassification') for a in
+                         (getattr(hf_config, 'architectures', None) or [])] or None
+    cfg.num_labels = 1
+    cfg.tie_word_embeddings = False
+    if getattr(cfg, 'pad_token_id', None) is None:
+        cfg.pad_token_id = pad_token_id  # transformers finds each row's last token through it
+    return cfg
+
+
 class ValueHead(torch.nn.Module):
     """``[s, b, H] -> [s, b, 1]``: a scalar per position, the same on every tensor-parallel rank."""
 
@@ -95,5 +122,6 @@ def apply_head(models: list, head: str, fused_lm_head: bool) -> None:
         fuse_head_into_loss(models)
 
 
-__all__ = ['HEADS', 'HiddenStatesOutputLayer', 'ValueHead', 'apply_head', 'attach_value_head',
-           'fuse_head_into_loss', 'head_weight']
+__all__ = ['HEADS', 'HiddenStatesOutputLayer', 'VALUE_HEAD_HF_NAME', 'ValueHead', 'apply_head', 'attach_value_head',
+           'fuse_head_into_loss', 'has_value_head', 'head_weight', 'sequence_classification_config',
+           'value_head_rule']

@@ -18,6 +18,7 @@ complete. ``--save_total_limit N`` keeps the newest N.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -85,6 +86,7 @@ class CheckpointParts:
     model_dir: Optional[str]
     dtype: torch.dtype
     layout: dict            # ParallelContext.layout(): RNG states are restored only at the same layout
+    head: str = 'lm'        # 'value': the HF weights are saved as a sequence classifier (score.weight)
 
 
 def _meta(parts: CheckpointParts, step: int) -> dict:
@@ -158,9 +160,23 @@ def save_hf_weights(parts: CheckpointParts, out_dir: Path) -> None:
             writer.close()
             if parts.model_dir:
                 copy_hf_side_files(parts.model_dir, tmp)
-            cfg = parts.hf_config
+            cfg = hf_config_to_save(parts)
             cfg.dtype = parts.dtype
             cfg.save_pretrained(tmp)
+
+
+def hf_config_to_save(parts: CheckpointParts):
+    """The HF config of the saved weights: the model's own, or (value head) a sequence classifier's."""
+    from ..megatron.heads import sequence_classification_config
+    if parts.head != 'value':
+        return copy.copy(parts.hf_config)
+    pad = getattr(parts.hf_config, 'pad_token_id', None)
+    if pad is None and parts.model_dir:
+        from ..model import load_tokenizer
+        tok = load_tokenizer(parts.model_dir)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return sequence_classification_config(parts.hf_config, pad)
+
 
 
 def list_checkpoints(root: Path) -> list[int]:

@@ -368,7 +368,7 @@ class Trainer:
     def checkpoint_parts(self):
         from .checkpoint import CheckpointParts
         return CheckpointParts(self.models, self.optimizer, self.args, self.hf_config, self.model_dir, self.dtype,
-                               self.parallel.layout())
+                               self.parallel.layout(), self.objective.head)
 
     def save(self) -> str:
         from .checkpoint import save_checkpoint

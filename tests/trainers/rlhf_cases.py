@@ -41,8 +41,8 @@ def write_preference_data(root: Path, n: int = 32, seed: int = 0) -> dict:
 
 
 def rlhf(setup, work, name, rlhf_type, data='pairs', **overrides):
-    case(setup, work, name, command='rlhf', rlhf_type=rlhf_type, dataset=[setup[data]], max_length=48,
-         **overrides)
+    case(setup, work, name, command='rlhf', rlhf_type=rlhf_type, dataset=[setup[data]],
+         **{'max_length': 48, **overrides})
 
 
 DPO_RPO = dict(rpo_alpha=0.5)  # the NLL term: normalised by the step's chosen tokens
@@ -63,7 +63,8 @@ def world1(setup, work):
     rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
     rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
     for name, val in (('rm_eval', 'pairs'), ('rm_eval_swapped', 'pairs_swapped')):
-        rlhf(setup, work, name, 'rm', val_dataset=[setup[val]], eval_steps=1000)
+        rlhf(setup, work, name, 'rm', val_dataset=[setup[val]], eval_steps=1000, save_last=True,
+             save_safetensors=True, max_length=128)  # every pair kept: the HF check scores them all
 
 
 def world2(setup, work):

@@ -29,8 +29,10 @@ def results(tmp_path_factory, smollm2_dir):
                                        num_key_value_heads=2), **write_preference_data(root)}
     setup['dataset'] = setup['pairs']
     (root / 'setup.json').write_text(json.dumps(setup))
-    return run_case_script(HERE / 'rlhf_cases.py', root, root / 'setup.json', timeout=420,
-                           env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
+    merged = run_case_script(HERE / 'rlhf_cases.py', root, root / 'setup.json', timeout=420,
+                             env_per_world={w: {'MEGASWIFT_CACHE': str(root / f'cache{w}')} for w in (1, 2)})
+    merged['_paths'] = {'root': str(root), **setup}
+    return merged
 
 
 LAYOUTS = [('dpo_tp2', 'dpo'), ('dpo_pp2', 'dpo'), ('dpo_pp2_vpp2', 'dpo'), ('dpo_dp2_distopt', 'dpo'),
@@ -100,3 +102,27 @@ def test_per_rank_normalisation_is_caught(results):
     ref = trajectory(results, 'dpo_rpo')
     bad = trajectory(results, 'dpo_rpo_dp2_negative_per_rank_norm')
     assert max_diff(bad['loss'], ref['loss']) > 100 * LOSS_TOL, (bad['loss'], ref['loss'])
+
+
+def test_reward_model_saves_as_a_transformers_sequence_classifier(results):
+    """The RM's checkpoint loads as AutoModelForSequenceClassification and scores as ``megaswift sample
+    --prm_model PATH`` does: its rewards of the validation pairs give the accuracy and margins the trainer's
+    evaluation logged at that step."""
+    from megaswift.rewards.prm import RewardModelPRM
+    paths = results['_paths']
+    evaluation = trajectory(results, 'rm_eval')['eval'][-1]
+    ckpt = Path(paths['root']) / 'work_world1' / 'rm_eval' / 'checkpoint-6'
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(ckpt)
+    assert config.architectures == ['LlamaForSequenceClassification'] and config.num_labels == 1
+    rows = [json.loads(line) for line in Path(paths['pairs']).read_text().splitlines()]
+    prompts = [r['messages'][:-1] for r in rows]
+    scorer = RewardModelPRM(str(ckpt))
+    chosen = scorer([r['messages'][-1]['content'] for r in rows], messages=prompts)
+    rejected = scorer([r['rejected_response'] for r in rows], messages=prompts)
+    assert evaluation['eval_tokens'] == len(rows)  # every validation pair was scored
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
+    margin = sum(c - r for c, r in zip(chosen, rejected)) / len(rows)
+    assert accuracy == evaluation['eval_rewards/accuracies'], (accuracy, evaluation)
+    assert abs(margin - evaluation['eval_rewards/margins']) < 1e-3, (margin, evaluation)
+    assert abs(sum(chosen) / len(rows) - evaluation['eval_rewards/chosen']) < 1e-3, (chosen, evaluation)
