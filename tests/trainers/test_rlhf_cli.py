@@ -1,0 +1,65 @@
+"""``megaswift rlhf`` from the command line: a bad row or flag fails before any model is built, with one line
+naming the file, line and field (or the flag); a good run writes its preference metrics to logging.jsonl."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHOSEN = [{'role': 'user', 'content': 'two plus two'}, {'role': 'assistant', 'content': 'four'}]
+
+
+def write_rows(path, rows):
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    return str(path)
+
+
+def rlhf_args(model, data, out, *extra):
+    return ['rlhf', '--model', model, '--dataset', data, '--output_dir', out, '--max_steps', '1',
+            '--global_batch_size', '2', '--micro_batch_size', '1', '--max_length', '64', *extra]
+
+
+@pytest.mark.parametrize('rlhf_type, bad_row, field', [
+    ('dpo', {'messages': CHOSEN}, 'rejected_response'),                                 # no rejected side
+    ('dpo', {'messages': CHOSEN, 'rejected_response': 'five', 'margin': 'big'}, 'margin'),
+    ('rm', {'messages': CHOSEN, 'rejected_messages': CHOSEN[:1]}, 'rejected_messages'),  # ends without an answer
+    ('kto', {'messages': CHOSEN}, 'label'),                                              # no label
+])
+def test_bad_rows_fail_with_file_line_and_field(run_cli, tiny_llama_dir, tmp_path, rlhf_type, bad_row, field):
+    good = {'messages': CHOSEN, 'rejected_response': 'five'} if rlhf_type != 'kto' else {'messages': CHOSEN,
+                                                                                          'label': True}
+    data = write_rows(tmp_path / 'data.jsonl', [good, good, bad_row])
+    proc = run_cli(rlhf_args(tiny_llama_dir, data, tmp_path / 'out', '--rlhf_type', rlhf_type), check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert 'data.jsonl:3' in last and field in last, last
+    assert not (tmp_path / 'out' / 'logging.jsonl').exists()
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--rlhf_type', 'dpo', '--loss_type', 'sigmoid', 'hingee'], "unknown DPO loss type(s) ['hingee']"),
+    (['--rlhf_type', 'dpoo'], "--rlhf_type: unknown value 'dpoo'"),
+    (['--rlhf_type', 'kto', '--loss_type', 'ipo'], '--loss_type selects DPO variants'),
+    (['--rlhf_type', 'gkd'], '--rlhf_type gkd needs --teacher_model'),
+])
+def test_bad_flags_fail_at_parse_time(run_cli, tmp_path, flags, message):
+    proc = run_cli(rlhf_args('unused', 'unused.jsonl', tmp_path / 'out', *flags), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_dpo_run_logs_its_metrics(run_cli, tiny_llama_dir, tmp_path):
+    rows = [{'messages': CHOSEN, 'rejected_response': 'five'},
+            {'messages': [{'role': 'user', 'content': 'one plus one'}, {'role': 'assistant', 'content': 'two'}],
+             'rejected_messages': [{'role': 'user', 'content': 'one plus one'},
+                                   {'role': 'assistant', 'content': 'three'}]}]
+    data = write_rows(tmp_path / 'pairs.jsonl', rows)
+    run_cli(rlhf_args(tiny_llama_dir, data, tmp_path / 'out', '--rlhf_type', 'dpo', '--save_steps', '100',
+                      '--save_last', 'false', '--logging_steps', '1'))
+    logs = [json.loads(line) for line in (tmp_path / 'out' / 'logging.jsonl').read_text().splitlines()]
+    step = next(line for line in logs if line.get('step') == 1)
+    for key in ('loss', 'rewards/chosen', 'rewards/rejected', 'rewards/accuracies', 'rewards/margins',
+                'logps/chosen', 'logps/rejected', 'nll_loss'):
+        assert key in step, step
+    assert abs(step['loss'] - 0.6931471805599453) < 1e-6  # policy == reference at step 1
