@@ -33,7 +33,7 @@ class RlhfObjectiveArguments:
     temperature: float = 0.9              # gkd: softmax temperature of student and teacher
     lmbda: float = 0.0                    # gkd: fraction of steps on the student's own generations (not yet: 0)
     seq_kd: bool = False                  # gkd: train on the teacher's generations (not yet)
-    precompute_ref_log_probs: bool = False  # reference log-probs once before training (not yet)
+    precompute_ref_log_probs: bool = False  # reference log-probs once before training, stored with the data
 
     def _check(self):
         if self.beta is None:
@@ -50,8 +50,8 @@ class RlhfObjectiveArguments:
         if self.lmbda or self.seq_kd:
             raise ArgumentError('--lmbda > 0 and --seq_kd (GKD on generated sequences) are not implemented yet; '
                                 'train on the dataset responses (--lmbda 0)')
-        if self.precompute_ref_log_probs:
-            raise ArgumentError('--precompute_ref_log_probs is not implemented yet (the reference runs every step)')
+        if self.precompute_ref_log_probs and (self.rlhf_type not in ('dpo', 'kto') or self.reference_free):
+            raise ArgumentError('--precompute_ref_log_probs: only dpo and kto use a reference model')
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ArgumentError('--desirable_weight and --undesirable_weight must be > 0')
 

@@ -17,7 +17,7 @@ class TemplateCommandArguments(ArgumentsBase, ModelArguments, TemplateArguments,
     loss_scale: str = 'default'
     max_length: int | None = None
     truncation_strategy: Literal['delete', 'left', 'right', 'error'] = 'delete'
-    mode: Literal['train', 'infer', 'rlhf'] = 'train'
+    mode: Literal['train', 'infer', 'rlhf', 'kto'] = 'train'
     enable_thinking: bool | None = None     # qwen3 only: False renders the empty think block in the prompt
 
     def _check(self):

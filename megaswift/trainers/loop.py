@@ -62,6 +62,7 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.models = self.optimizer = self.scheduler = None
         self.frozen: dict[str, list] = {}
+        self.precomputed: dict = {}  # split -> PrecomputedOutputs (--precompute_ref_log_probs)
         self.metrics = []
         self._train_start = None
 
@@ -98,9 +99,10 @@ class Trainer:
         init_from = 'none' if resume_dir else ('mcore' if self.args.mcore_model else 'hf')
         self.models = build_train_models(self.args, self.hf_config, self.model_dir, self.dtype, ctx, init_from,
                                          head=objective.head, fused_lm_head=fused)
+        precompute = ('ref',) if getattr(self.args, 'precompute_ref_log_probs', False) else ()
         for name in objective.frozen_models:
-            if name == 'policy' or self._reference_is_lora_base(name):
-                continue  # the trained model itself (forward-only; adapters off for the reference)
+            if name == 'policy' or self._reference_is_lora_base(name) or name in precompute:
+                continue  # the trained model itself (forward-only; adapters off for the reference); precomputed
             self.frozen[name] = build_frozen_models(self.args, self.frozen_hf_config(name),
                                                     self.frozen_model_dir(name), self.dtype, ctx,
                                                     fused_lm_head=fused)
@@ -112,6 +114,9 @@ class Trainer:
         if resume_dir is not None:
             from .checkpoint import load_checkpoint
             self.load_state_dict(load_checkpoint(self.checkpoint_parts(), resume_dir))
+        if precompute:
+            from .precompute import precompute_reference
+            self.precomputed = precompute_reference(self)
         trainable, total = trainable_parameter_count(self.models)
         logger.info('model: %d parameters on this rank, %d trainable; dtype %s; layout TP=%d PP=%d VPP=%s DP=%d',
                     total, trainable, self.dtype, ctx.tp_size, ctx.pp_size, ctx.vpp_size, ctx.dp_size)
@@ -181,11 +186,17 @@ class Trainer:
             return out.sum() * 0.0, torch.zeros((), dtype=torch.int), {}
         return output, store
 
-    def run_frozen_models(self, batches: list[dict]) -> None:
-        """Each frozen model's forward-only pass over ``batches`` (``frozen_outputs`` adds its results to them),
-        then the objective's step preparation."""
+    def run_frozen_models(self, batches: list[dict], split: str = 'train', only: Optional[str] = None) -> None:
+        """Each frozen model's forward-only pass over ``batches`` (``frozen_outputs`` adds its results to them; a
+        precomputed one copies its stored outputs), then the objective's step preparation (not with ``only``:
+        one model's pass)."""
         import contextlib
+        if split in self.precomputed and only is None:
+            for b in batches:
+                self.precomputed[split].fill(b)
         for name in self.objective.frozen_models if batches else ():
+            if (only is not None and name != only) or (only is None and split in self.precomputed and name == 'ref'):
+                continue
             models, switch = self.frozen.get(name), contextlib.nullcontext()
             if models is None:  # 'policy', or the LoRA base as the reference
                 models = self.models
@@ -194,7 +205,15 @@ class Trainer:
                     switch = adapters_disabled(self.models)
             with torch.no_grad(), switch:
                 run_schedule(models, batches, partial(self._frozen_step, name=name), forward_only=True)
-        self.objective.prepare_step(batches, self.parallel)
+        if only is None:
+            self.objective.prepare_step(batches, self.parallel)
+
+    def _collate(self, collator: Collator, micro_batches: list[list[int]]) -> list[dict]:
+        batches = [to_device(b, self.device) for b in collate_micro_batches(collator, micro_batches, self.fixed_shape)]
+        if self.precomputed:  # the encoded samples of each micro-batch: precomputed outputs are looked up by them
+            for b, mb in zip(batches, micro_batches):
+                b['sample_indices'] = torch.tensor(collator.sample_indices(mb), dtype=torch.long)
+        return batches
 
     def _denominators(self, batches: list[dict]) -> None:
         """``batch['loss_denominator']``: the objective's counts summed over the step (all micro-batches and
@@ -228,7 +247,7 @@ class Trainer:
         step_items = self.sampler.next_step()
         mbs = self.args.micro_batch_size
         mine = rank_micro_batches(step_items, ctx.dp_rank, ctx.dp_size, mbs)
-        batches = [to_device(b, self.device) for b in collate_micro_batches(self.data.collator, mine, self.fixed_shape)]
+        batches = self._collate(self.data.collator, mine)
         self._denominators(batches)
         self.run_frozen_models(batches)
         for m in self.models:
@@ -262,9 +281,9 @@ class Trainer:
             m.eval()
         mbs = eval_micro_batches(data.val_num_items, ctx.dp_rank, ctx.dp_size, self.args.micro_batch_size)
         outputs = []
-        batches = [to_device(b, self.device) for b in collate_micro_batches(data.val_collator, mbs, self.fixed_shape)]
+        batches = self._collate(data.val_collator, mbs)
         self._denominators(batches)  # on every DP rank, also one without validation micro-batches
-        self.run_frozen_models(batches)
+        self.run_frozen_models(batches, split='val')
         if mbs:
             outputs = run_schedule(self.models, batches, partial(self._forward_step, evaluate=True),
                                    forward_only=True)

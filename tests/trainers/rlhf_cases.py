@@ -59,6 +59,7 @@ def world1(setup, work):
     rlhf(setup, work, 'dpo_rpo', 'dpo', **DPO_RPO)
     rlhf(setup, work, 'dpo_lora', 'dpo', **LORA)
     rlhf(setup, work, 'kto', 'kto', data='kto')
+    rlhf(setup, work, 'dpo_precompute', 'dpo', precompute_ref_log_probs=True)
     rlhf(setup, work, 'dpo_overfit', 'dpo', data='pairs4', packing=False)
     rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
     rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
@@ -78,6 +79,9 @@ def world2(setup, work):
     rlhf(setup, work, 'kto_pp2_vpp2', 'kto', data='kto', pipeline_model_parallel_size=2,
          virtual_pipeline_model_parallel_size=2)
     rlhf(setup, work, 'kto_dp2_distopt', 'kto', data='kto', use_distributed_optimizer=True)
+    # the reference's log-probs computed once up front, split over DP ranks / on the last stage, then gathered
+    rlhf(setup, work, 'dpo_pp2_precompute', 'dpo', pipeline_model_parallel_size=2, precompute_ref_log_probs=True)
+    rlhf(setup, work, 'kto_dp2_precompute', 'kto', data='kto', precompute_ref_log_probs=True)
     restore = per_rank_normalisation()
     try:
         rlhf(setup, work, 'dpo_rpo_dp2_negative_per_rank_norm', 'dpo', **DPO_RPO)

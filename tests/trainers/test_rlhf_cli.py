@@ -43,6 +43,7 @@ def test_bad_rows_fail_with_file_line_and_field(run_cli, tiny_llama_dir, tmp_pat
     (['--rlhf_type', 'dpoo'], "--rlhf_type: unknown value 'dpoo'"),
     (['--rlhf_type', 'kto', '--loss_type', 'ipo'], '--loss_type selects DPO variants'),
     (['--rlhf_type', 'gkd'], '--rlhf_type gkd needs --teacher_model'),
+    (['--rlhf_type', 'rm', '--precompute_ref_log_probs', 'true'], 'only dpo and kto use a reference model'),
 ])
 def test_bad_flags_fail_at_parse_time(run_cli, tmp_path, flags, message):
     proc = run_cli(rlhf_args('unused', 'unused.jsonl', tmp_path / 'out', *flags), check=False)

@@ -1,5 +1,5 @@
 """``megaswift rlhf`` on megatron-core: DPO and KTO at TP2+SP / PP2 / PP2xVPP2 / DP2+distributed optimizer /
-LoRA+TP2 follow the single-process trajectory; resume is bit-exact; the loss type is the one asked for; the
+LoRA+TP2, and with precomputed reference log-probs, follow the single-process trajectory; resume is bit-exact; the loss type is the one asked for; the
 reward model's evaluation flips with swapped columns; a per-rank normalisation is caught.
 
 One launch of ``rlhf_cases.py`` per world size (1: plain python; 2: torchrun, gloo). Every case trains 6 steps
@@ -37,7 +37,9 @@ def results(tmp_path_factory, smollm2_dir):
 
 LAYOUTS = [('dpo_tp2', 'dpo'), ('dpo_pp2', 'dpo'), ('dpo_pp2_vpp2', 'dpo'), ('dpo_dp2_distopt', 'dpo'),
            ('dpo_mbs2', 'dpo_nopack'), ('dpo_rpo_dp2', 'dpo_rpo'), ('dpo_lora_tp2', 'dpo_lora'),
-           ('kto_tp2', 'kto'), ('kto_pp2_vpp2', 'kto'), ('kto_dp2_distopt', 'kto')]
+           ('kto_tp2', 'kto'), ('kto_pp2_vpp2', 'kto'), ('kto_dp2_distopt', 'kto'),
+           # --precompute_ref_log_probs: the reference runs once before training and is freed
+           ('dpo_precompute', 'dpo'), ('dpo_pp2_precompute', 'dpo'), ('kto_dp2_precompute', 'kto')]
 
 
 @pytest.mark.parametrize('case, ref', LAYOUTS)
