@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from train_cases import WORDS, case, main, per_rank_normalisation
+from train_cases import WORDS, case, main, per_rank_normalisation, results
 
 
 def write_preference_data(root: Path, n: int = 32, seed: int = 0) -> dict:
@@ -46,10 +46,43 @@ def rlhf(setup, work, name, rlhf_type, data='pairs', **overrides):
 
 
 DPO_RPO = dict(rpo_alpha=0.5)  # the NLL term: normalised by the step's chosen tokens
+# GKD's gradient is a sum over the vocabulary that cancels to 0 (softmax): between two near-uniform random
+# models fp32 summation order (TP shards) moves the step's gradient norm by ~3e-4 relative (SFT: ~3e-5);
+# jsd_direct checks the TP arithmetic itself at 1e-6
+GKD = dict(teacher_model=None, temperature=0.5)
 LORA = dict(tuner_type='lora', lr=1e-2, lora_dropout=0.0)  # dropout masks would differ between layouts
 
 
+def jsd_direct() -> dict:
+    """TP=2: generalised JSD of vocabulary-parallel log-softmaxes (``ModelOutput.log_softmax`` / ``vocab_sum``)
+    against the full-vocabulary computation, value and gradient, on near-uniform random logits."""
+    import torch
+
+    from megaswift.megatron import ParallelConfig, destroy_parallel, initialize_parallel
+    from megaswift.trainers.objectives.base import ModelOutput
+    from megaswift.trainers.objectives.preference_losses import generalized_jsd
+    ctx = initialize_parallel(ParallelConfig(tensor_model_parallel_size=2))
+    try:
+        g = torch.Generator().manual_seed(0)
+        vocab, n = 1000, 7
+        student, teacher = torch.randn(n, vocab, generator=g) * 0.3, torch.randn(n, vocab, generator=g) * 0.3
+        shard = slice(ctx.tp_rank * vocab // 2, (ctx.tp_rank + 1) * vocab // 2)
+        local = student[:, shard].clone().requires_grad_(True)
+        out = ModelOutput(local, None, None, ctx.tp_group, 'torch')
+        teacher_lp = ModelOutput(teacher[:, shard], None, None, ctx.tp_group, 'torch').log_softmax()
+        ours = generalized_jsd(out.log_softmax(), teacher_lp, 0.5, vocab_sum=out.vocab_sum).sum()
+        ours.backward()
+        full = student.clone().requires_grad_(True)
+        ref = generalized_jsd(torch.log_softmax(full, -1), torch.log_softmax(teacher, -1), 0.5).sum()
+        ref.backward()
+        return {'loss_diff': abs(float(ours - ref)) / abs(float(ref)),
+                'grad_diff': float((local.grad - full.grad[:, shard]).abs().max() / full.grad.abs().max())}
+    finally:
+        destroy_parallel()
+
+
 def world1(setup, work):
+    GKD['teacher_model'] = setup['teacher']
     rlhf(setup, work, 'dpo', 'dpo', save_steps=3)
     rlhf(setup, work, 'dpo_resume', 'dpo', resume_from_checkpoint=str(work / 'dpo' / 'iter_0000003'))
     rlhf(setup, work, 'dpo_nopack', 'dpo', packing=False)
@@ -60,6 +93,8 @@ def world1(setup, work):
     rlhf(setup, work, 'dpo_lora', 'dpo', **LORA)
     rlhf(setup, work, 'kto', 'kto', data='kto')
     rlhf(setup, work, 'dpo_precompute', 'dpo', precompute_ref_log_probs=True)
+    rlhf(setup, work, 'rm', 'rm')
+    rlhf(setup, work, 'gkd', 'gkd', **GKD)
     rlhf(setup, work, 'dpo_overfit', 'dpo', data='pairs4', packing=False)
     rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
     rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
@@ -69,6 +104,7 @@ def world1(setup, work):
 
 
 def world2(setup, work):
+    GKD['teacher_model'] = setup['teacher']
     rlhf(setup, work, 'dpo_tp2', 'dpo', tensor_model_parallel_size=2, sequence_parallel=True)
     rlhf(setup, work, 'dpo_pp2', 'dpo', pipeline_model_parallel_size=2)
     rlhf(setup, work, 'dpo_pp2_vpp2', 'dpo', pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
@@ -82,6 +118,11 @@ def world2(setup, work):
     # the reference's log-probs computed once up front, split over DP ranks / on the last stage, then gathered
     rlhf(setup, work, 'dpo_pp2_precompute', 'dpo', pipeline_model_parallel_size=2, precompute_ref_log_probs=True)
     rlhf(setup, work, 'kto_dp2_precompute', 'kto', data='kto', precompute_ref_log_probs=True)
+    rlhf(setup, work, 'rm_tp2_sp', 'rm', tensor_model_parallel_size=2, sequence_parallel=True)
+    rlhf(setup, work, 'rm_pp2', 'rm', pipeline_model_parallel_size=2)
+    rlhf(setup, work, 'gkd_tp2_sp', 'gkd', tensor_model_parallel_size=2, sequence_parallel=True, **GKD)
+    rlhf(setup, work, 'gkd_pp2', 'gkd', pipeline_model_parallel_size=2, **GKD)
+    results['jsd_direct'] = jsd_direct()
     restore = per_rank_normalisation()
     try:
         rlhf(setup, work, 'dpo_rpo_dp2_negative_per_rank_norm', 'dpo', **DPO_RPO)

@@ -112,7 +112,13 @@ class ModelOutput:
         """This rank's ``[..., V/tp]`` share of the full-vocabulary log-softmax (differentiable, correct under TP;
         materialises the logits: use on selected positions, ``masked``)."""
         z = self.vocab_parallel_logits()
-        return z - self._log_sum_exp(z).unsqueeze(-1)
+        lse = self._log_sum_exp(z)
+        if _tp_size(self.tp_group) > 1:
+            # every rank's shard uses the shared normaliser: its gradient is the sum of all ranks' (the loss is
+            # summed over the shards by ``vocab_sum``), while the all-reduce inside passes gradients unchanged
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+            lse = copy_to_tensor_model_parallel_region(lse, group=self.tp_group)
+        return z - lse.unsqueeze(-1)
 
     def log_sum_exp(self) -> torch.Tensor:
         """``log sum_v exp(z_v)`` over the full vocabulary, per token (differentiable, correct under TP)."""
