@@ -23,6 +23,13 @@ def smollm2_dir() -> str:
 
 
 @pytest.fixture(scope='session')
+def tok(smollm2_dir):
+    """SmolLM2's tokenizer (its chat template included)."""
+    from megaswift.model import load_tokenizer
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture(scope='session')
 def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> str:
     return build_tiny_model(tmp_path_factory.mktemp('tiny_llama'), 'llama', smollm2_dir)
 

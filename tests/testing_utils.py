@@ -83,3 +83,11 @@ def write_case_results(results: dict, out_path) -> None:
     if dist.get_rank() == 0:
         merged = {case: [g.get(case, {}) for g in gathered] for case in sorted({c for g in gathered for c in g})}
         Path(out_path).write_text(json.dumps(merged, indent=1))
+
+
+def template_in_mode(tokenizer, mode: str, **kwargs):
+    """``get_template(tokenizer, **kwargs)`` set to ``mode`` ('train', 'infer', 'rlhf', 'kto')."""
+    from megaswift.template import get_template
+    template = get_template(tokenizer, **kwargs)
+    template.set_mode(mode)
+    return template

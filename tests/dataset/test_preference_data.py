@@ -7,19 +7,7 @@ import pytest
 
 from megaswift.dataset import Dataset, DatasetError, RowSource, add_kl_responses, load_rows
 from megaswift.dataset.encode import encode_dataset, encode_on_rank0_first
-from megaswift.template import get_template
-
-
-@pytest.fixture(scope='module')
-def tok(smollm2_dir):
-    from megaswift.model import load_tokenizer
-    return load_tokenizer(smollm2_dir)
-
-
-def template(tok, mode, **kw):
-    t = get_template(tok, **kw)
-    t.set_mode(mode)
-    return t
+from testing_utils import template_in_mode as template
 
 
 def turn(role, content):

@@ -2,23 +2,12 @@
 (label, kl_response), on the real SmolLM2 tokenizer and chat template."""
 import pytest
 
-from megaswift.template import MaxLengthExceeded, TemplateError, get_template
+from megaswift.template import MaxLengthExceeded, TemplateError
+from testing_utils import template_in_mode as template
 
 PROMPT = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'What is 2 + 2?'}]
 CHOSEN = {'role': 'assistant', 'content': 'It is 4.'}
 REJECTED = 'It is 5, I think.'
-
-
-@pytest.fixture(scope='module')
-def tok(smollm2_dir):
-    from megaswift.model import load_tokenizer
-    return load_tokenizer(smollm2_dir)
-
-
-def template(tok, mode, **kw):
-    t = get_template(tok, **kw)
-    t.set_mode(mode)
-    return t
 
 
 def trained_text(tok, labels):
