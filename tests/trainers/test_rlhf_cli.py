@@ -64,3 +64,30 @@ def test_dpo_run_logs_its_metrics(run_cli, tiny_llama_dir, tmp_path):
                 'logps/chosen', 'logps/rejected', 'nll_loss'):
         assert key in step, step
     assert abs(step['loss'] - 0.6931471805599453) < 1e-6  # policy == reference at step 1
+
+
+def test_kto_kill9_then_resume_equals_an_uninterrupted_run(run_cli, tiny_llama_dir, tmp_path):
+    """KTO (reference + policy passes, the step's KL reference point): killed with SIGKILL after the step-3
+    checkpoint, ``--resume_from_checkpoint true`` continues with the uninterrupted run's logs, bit for bit."""
+    import signal
+
+    from rlhf_cases import write_preference_data
+    from test_train_cli import KILL_PLUGIN, read_logs
+    data = write_preference_data(tmp_path)['kto']
+    env = {'MEGASWIFT_CACHE': str(tmp_path / 'cache'), 'OMP_NUM_THREADS': '1'}
+    common = ['rlhf', '--rlhf_type', 'kto', '--model', tiny_llama_dir, '--dataset', data, '--max_length', '48',
+              '--packing', 'true', '--global_batch_size', '4', '--max_steps', '6', '--save_steps', '3',
+              '--logging_steps', '1', '--lr', '1e-3', '--warmup_steps', '1', '--save_safetensors', 'false']
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    run_cli([*common, '--output_dir', a], env=env)
+    plugin = tmp_path / 'kill_at_step5.py'
+    plugin.write_text(KILL_PLUGIN)
+    killed = run_cli([*common, '--output_dir', b, '--external_plugins', plugin], env=env, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (b / 'latest_checkpointed_iteration.txt').read_text() == '3'
+    run_cli([*common, '--output_dir', b, '--resume_from_checkpoint', 'true'], env=env)
+    want, got = read_logs(a), read_logs(b)
+    assert sorted(got) == sorted(want) and len(want) == 6
+    for key, rec in want.items():
+        for field in ('loss', 'grad_norm', 'lr', 'kl', 'rewards/chosen', 'rewards/rejected'):
+            assert got[key].get(field) == rec.get(field), (key, field, got[key], rec)
