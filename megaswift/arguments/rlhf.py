@@ -31,8 +31,9 @@ class RlhfObjectiveArguments:
     center_rewards_coefficient: float | None = None  # rm: + coef * mean((r_chosen + r_rejected)^2)
     teacher_model: str | None = None      # gkd: the teacher (same tokenizer)
     temperature: float = 0.9              # gkd: softmax temperature of student and teacher
-    lmbda: float = 0.0                    # gkd: fraction of steps on the student's own generations (not yet: 0)
-    seq_kd: bool = False                  # gkd: train on the teacher's generations (not yet)
+    lmbda: float = 0.0                    # gkd: probability that a step trains on the student's own completions
+    seq_kd: bool = False                  # gkd: the other steps train on the teacher's completions (not the data's)
+    max_completion_length: int = 512      # gkd: new tokens at most per generated completion
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, stored with the data
 
     def _check(self):
@@ -47,9 +48,17 @@ class RlhfObjectiveArguments:
                 raise ArgumentError('--rlhf_type gkd needs --teacher_model (a model with the same tokenizer)')
             if self.temperature <= 0:
                 raise ArgumentError(f'--temperature: must be > 0, got {self.temperature}')
-        if self.lmbda or self.seq_kd:
-            raise ArgumentError('--lmbda > 0 and --seq_kd (GKD on generated sequences) are not implemented yet; '
-                                'train on the dataset responses (--lmbda 0)')
+        if self.rlhf_type != 'gkd' and (self.lmbda or self.seq_kd):
+            raise ArgumentError(f'--lmbda and --seq_kd are GKD options; --rlhf_type {self.rlhf_type} takes neither')
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ArgumentError(f'--lmbda: a probability in [0, 1], got {self.lmbda}')
+        if self.max_completion_length < 1:
+            raise ArgumentError(f'--max_completion_length: must be >= 1, got {self.max_completion_length}')
+        pp = int(getattr(self, 'pipeline_model_parallel_size', 1) or 1)
+        if (self.lmbda or self.seq_kd) and pp > 1:
+            raise ArgumentError(f"{'--lmbda > 0' if self.lmbda else '--seq_kd'} generates completions during "
+                                f'training, which needs every layer on each rank: --pipeline_model_parallel_size '
+                                f'{pp} is not supported with it (use tensor and data parallelism)')
         if self.precompute_ref_log_probs and (self.rlhf_type not in ('dpo', 'kto') or self.reference_free):
             raise ArgumentError('--precompute_ref_log_probs: only dpo and kto use a reference model')
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:

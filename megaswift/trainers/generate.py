@@ -1,4 +1,5 @@
-"""Greedy generation on the model being trained, for ``--eval_metric nlg`` (ROUGE / BLEU of generated text).
+"""Generation on the model being trained: greedy for ``--eval_metric nlg`` (ROUGE / BLEU of generated text),
+sampled for objectives that train on the model's own completions (GKD on-policy, ``trainers/rollout.py``).
 
 At an evaluation every validation sample (the val collator's encoded samples, packed or not) becomes a prompt
 (its tokens before the first trained label) and a reference (its trained tokens). Each data-parallel rank
@@ -70,16 +71,20 @@ def eval_prompts(encoded, dp_rank: int = 0, dp_size: int = 1) -> list[EvalPrompt
     for i in range(dp_rank, len(encoded), dp_size):
         arrays = encoded.arrays(int(i))
         ids = np.asarray(arrays['input_ids']).reshape(-1).tolist()
-        labels = np.asarray(arrays['labels']).reshape(-1)
-        trained = np.flatnonzero(labels != IGNORE_INDEX)
-        if not trained.size:
-            continue
-        first = max(int(trained[0]), 1)
+        trained = np.flatnonzero(np.asarray(arrays['labels']).reshape(-1) != IGNORE_INDEX)
+        first = prompt_length(arrays)
         reference = [ids[j] for j in trained.tolist() if j >= first]
         if not reference:
             continue
         out.append(EvalPrompt(int(i), ids[:first], reference))
     return out
+
+
+def prompt_length(arrays: dict) -> int:
+    """The prompt of an encoded sample: its tokens before the first trained label (at least one token; all of
+    them when nothing is trained)."""
+    trained = np.flatnonzero(np.asarray(arrays['labels']).reshape(-1) != IGNORE_INDEX)
+    return max(int(trained[0]), 1) if trained.size else int(np.asarray(arrays['input_ids']).size)
 
 
 def stop_token_ids(tokenizer, encoder=None, hf_config=None, model_dir: Optional[str] = None) -> list[int]:
@@ -162,26 +167,69 @@ class GenerationSpec:
     pad_token_id: int = 0
     max_total_length: Optional[int] = None  # prompt + answer at most (the model's max_position_embeddings)
     tokens_per_forward: int = 4096  # prompts batched into one padding-free row up to about this many tokens
+    temperature: float = 0.0        # 0: greedy; > 0: sampled from softmax(logits / temperature)
 
 
-def _next_tokens(forward: Callable, sequences: list[list[int]], spec: GenerationSpec) -> list[int]:
-    """The greedy next id of every sequence, from one forward pass over them as one padding-free row
-    (``forward``: a batch -> the last stage's ``ModelOutput``)."""
+def _next_tokens(forward: Callable, sequences: list[list[int]], spec: GenerationSpec,
+                 generators: Optional[list] = None) -> list[int]:
+    """The next id of every sequence, from one forward pass over them as one padding-free row (``forward``: a
+    batch -> the last stage's ``ModelOutput``): the greedy one, or with ``spec.temperature > 0`` a sample."""
     from ..template.packing import padding_free_collate
     row = padding_free_collate([{'input_ids': s} for s in sequences], spec.pad_to_multiple_of, spec.pad_token_id)
     output = forward({'input_ids': row.input_ids, 'position_ids': row.position_ids,
                       'packed_seq_params': row.packed_seq_params()})
     last = torch.zeros(row.input_ids.shape, dtype=torch.bool, device=output.output.device)
     last[0, torch.as_tensor(np.cumsum([len(s) for s in sequences]) - 1, device=last.device)] = True
-    return output.masked(last).argmax().view(-1).tolist()
+    if spec.temperature <= 0:
+        return output.masked(last).argmax().view(-1).tolist()
+    return _sample(output.masked(last), spec.temperature, generators).tolist()
 
 
-def greedy_generate(forward: Callable, prompts: list[list[int]], spec: GenerationSpec) -> list[list[int]]:
-    """Greedy answers (without their stop token) of ``prompts``; call under ``generation_mode``.
+def _sample(output, temperature: float, generators: list) -> torch.Tensor:
+    """One id per row of ``output`` drawn from softmax(logits / temperature), by the Gumbel-max trick: the global
+    argmax of ``logits / T + g`` with ``g`` standard Gumbel noise. Row k's noise over the whole (padded) vocabulary
+    comes from ``generators[k]``, so every tensor-parallel rank adds the same noise to its shard and the draw does
+    not depend on the layout, only on the generator's seed."""
+    from ..trainers.loss import vocab_parallel_argmax
+    logits = output.vocab_parallel_logits() / temperature          # [n, V/tp], padded entries hugely negative
+    shard = logits.size(-1)
+    rank = output.tp_group.rank() if _tp(output.tp_group) > 1 else 0
+    noise = torch.stack([_gumbel(shard * _tp(output.tp_group), g)[rank * shard:(rank + 1) * shard]
+                         for g in generators]).to(logits.device)
+    return vocab_parallel_argmax(logits + noise, None, output.tp_group)
 
-    Every tensor-parallel rank of a group must call this with the same prompts."""
+
+def _gumbel(n: int, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
+    return (-torch.log(-torch.log(u))).float()
+
+
+def _tp(group) -> int:
+    return group.size() if group is not None and torch.distributed.is_initialized() else 1
+
+
+def sequence_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per sequence, seeded (the draws of a sequence depend only on its seed)."""
+    out = []
+    for seed in seeds:
+        g = torch.Generator()
+        g.manual_seed(int(seed) % (2 ** 63))
+        out.append(g)
+    return out
+
+
+def generate(forward: Callable, prompts: list[list[int]], spec: GenerationSpec,
+             seeds: Optional[list[int]] = None) -> tuple[list[list[int]], list[Optional[int]]]:
+    """The answers (without their stop token) of ``prompts`` and, per answer, the stop token that ended it (None:
+    cut at the token budget). Greedy, or with ``spec.temperature > 0`` sampled, prompt k's draws from a generator
+    seeded with ``seeds[k]``. Call under ``generation_mode``; every tensor-parallel rank of a group must call this
+    with the same prompts and seeds."""
+    if spec.temperature > 0 and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError('sampling (temperature > 0) needs one seed per prompt')
     stops = set(spec.stop_ids)
     answers: list[list[int]] = [[] for _ in prompts]
+    ended: list[Optional[int]] = [None] * len(prompts)
+    generators = sequence_generators(seeds) if spec.temperature > 0 else None
     budget = [spec.max_new_tokens if spec.max_total_length is None
               else max(0, min(spec.max_new_tokens, spec.max_total_length - len(p))) for p in prompts]
     pending = [k for k in range(len(prompts)) if budget[k] > 0]
@@ -195,10 +243,12 @@ def greedy_generate(forward: Callable, prompts: list[list[int]], spec: Generatio
             tokens += need
         active = list(group)
         while active:
-            ids = _next_tokens(forward, [prompts[k] + answers[k] for k in active], spec)
+            ids = _next_tokens(forward, [prompts[k] + answers[k] for k in active], spec,
+                               [generators[k] for k in active] if generators else None)
             still = []
             for k, tok in zip(active, ids):
                 if tok in stops:
+                    ended[k] = int(tok)
                     continue
                 answers[k].append(int(tok))
                 if len(answers[k]) < budget[k]:
@@ -206,7 +256,7 @@ def greedy_generate(forward: Callable, prompts: list[list[int]], spec: Generatio
             active = still
         done = set(group)
         pending = [k for k in pending if k not in done]
-    return answers
+    return answers, ended
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -242,7 +292,7 @@ def generate_eval_texts(job: EvalGeneration) -> dict[str, Any]:
     prompts = eval_prompts(collator.encoded, job.dp_rank, job.dp_size)
     start = time.perf_counter()
     with generation_mode(job.models):
-        answers = greedy_generate(job.forward, [p.prompt for p in prompts], spec)
+        answers, _ = generate(job.forward, [p.prompt for p in prompts], spec)
     logger.info('nlg: %d answers (%d tokens) generated on this rank in %.1f s', len(answers),
                 sum(map(len, answers)), time.perf_counter() - start)
     decode = _decoder(tokenizer)
@@ -281,5 +331,5 @@ def write_predictions(generated: dict[str, Any], output_dir: Path, step: int, dp
 
 
 __all__ = ['GENERATED_OUTPUTS', 'EvalGeneration', 'EvalPrompt', 'GenerationSpec', 'check_generation_layout', 'eval_prompts',
-           'generate_eval_texts', 'generation_mode', 'greedy_generate', 'needs_generation', 'preserved_rng_state',
+           'generate_eval_texts', 'generation_mode', 'generate', 'prompt_length', 'needs_generation', 'preserved_rng_state',
            'stop_token_ids', 'write_predictions']

@@ -24,6 +24,7 @@ from .data import StepSampler, eval_micro_batches, rank_micro_batches
 from .eval_metrics import build_eval_metrics, compute_eval_metrics
 from .loss import global_token_count
 from .objectives import ModelOutput, Objective, build_objective
+from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ class Trainer:
         step_items = self.sampler.next_step()
         mbs = self.args.micro_batch_size
         mine = rank_micro_batches(step_items, ctx.dp_rank, ctx.dp_size, mbs)
-        batches = self._collate(self.data.collator, mine)
+        batches = self.objective.rollout(self._collate(self.data.collator, mine),
+                                         Rollout(self, mine, self.state.global_step + 1))
         self._denominators(batches)
         self.run_frozen_models(batches)
         for m in self.models:

@@ -51,6 +51,8 @@ DPO_RPO = dict(rpo_alpha=0.5)  # the NLL term: normalised by the step's chosen t
 # jsd_direct checks the TP arithmetic itself at 1e-6
 GKD = dict(teacher_model=None, temperature=0.5)
 LORA = dict(tuner_type='lora', lr=1e-2, lora_dropout=0.0)  # dropout masks would differ between layouts
+# every step on the student's own completions (sampled at --temperature; 6 new tokens at most)
+GKD_ON_POLICY = dict(lmbda=1.0, max_completion_length=6)
 
 
 def jsd_direct() -> dict:
@@ -95,6 +97,11 @@ def world1(setup, work):
     rlhf(setup, work, 'dpo_precompute', 'dpo', precompute_ref_log_probs=True)
     rlhf(setup, work, 'rm', 'rm')
     rlhf(setup, work, 'gkd', 'gkd', **GKD)
+    rlhf(setup, work, 'gkd_on_policy', 'gkd', save_steps=3, **GKD, **GKD_ON_POLICY)
+    rlhf(setup, work, 'gkd_on_policy_resume', 'gkd', **GKD, **GKD_ON_POLICY,
+         resume_from_checkpoint=str(work / 'gkd_on_policy' / 'iter_0000003'))
+    rlhf(setup, work, 'gkd_seq_kd', 'gkd', seq_kd=True, max_completion_length=6, **GKD)
+    rlhf(setup, work, 'gkd_mixed', 'gkd', lmbda=0.5, seq_kd=True, max_completion_length=6, **GKD)
     rlhf(setup, work, 'dpo_overfit', 'dpo', data='pairs4', packing=False)
     rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
     rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
@@ -122,6 +129,9 @@ def world2(setup, work):
     rlhf(setup, work, 'rm_pp2', 'rm', pipeline_model_parallel_size=2)
     rlhf(setup, work, 'gkd_tp2_sp', 'gkd', tensor_model_parallel_size=2, sequence_parallel=True, **GKD)
     rlhf(setup, work, 'gkd_pp2', 'gkd', pipeline_model_parallel_size=2, **GKD)
+    rlhf(setup, work, 'gkd_on_policy_tp2_sp', 'gkd', tensor_model_parallel_size=2, sequence_parallel=True, **GKD,
+         **GKD_ON_POLICY)
+    rlhf(setup, work, 'gkd_on_policy_dp2', 'gkd', **GKD, **GKD_ON_POLICY)
     results['jsd_direct'] = jsd_direct()
     restore = per_rank_normalisation()
     try:

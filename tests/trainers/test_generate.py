@@ -55,7 +55,7 @@ def test_greedy_loop_stops_and_batches(monkeypatch):
     """Next token = last + 1; 9 is a stop token. Batching (tokens_per_forward) never changes the answers."""
     calls = []
 
-    def next_tokens(trainer, sequences, spec):
+    def next_tokens(forward, sequences, spec, generators=None):
         calls.append(len(sequences))
         return [s[-1] + 1 for s in sequences]
     monkeypatch.setattr(gen, '_next_tokens', next_tokens)
@@ -64,10 +64,10 @@ def test_greedy_loop_stops_and_batches(monkeypatch):
     for budget, most in ((1, 1), (11, 2), (10_000, 4)):  # prompt + max_new_tokens of each must fit the budget
         spec = gen.GenerationSpec(max_new_tokens=4, stop_ids=[9], tokens_per_forward=budget)
         calls.clear()
-        assert gen.greedy_generate(None, prompts, spec) == want
+        assert gen.generate(None, prompts, spec)[0] == want
         assert max(calls) == most  # prompts per forward (one when nothing else fits)
     spec = gen.GenerationSpec(max_new_tokens=4, stop_ids=[9], max_total_length=6)
-    assert gen.greedy_generate(None, prompts, spec) == [[2, 3, 4, 5], [7, 8], [3], []]  # prompt + answer <= 6
+    assert gen.generate(None, prompts, spec)[0] == [[2, 3, 4, 5], [7, 8], [3], []]  # prompt + answer <= 6
 
 
 def test_generation_mode_and_random_generators():
@@ -134,3 +134,25 @@ def test_eval_metric_nlg_is_accepted_and_checked(monkeypatch, tmp_path, tiny_lla
     monkeypatch.setenv('WORLD_SIZE', '1')
     with pytest.raises(ValueError, match='--max_new_tokens: must be >= 1'):
         SftArguments(model=tiny_llama_dir, dataset=['d.jsonl'], max_new_tokens=0)
+
+
+def test_sampling_follows_the_softmax_and_its_seed():
+    """temperature > 0: a draw per row from softmax(logits / T) (Gumbel-max); the same seed gives the same draw, a
+    padded vocabulary entry is never drawn, and T -> 0 approaches the greedy choice."""
+    from megaswift.trainers.objectives.base import ModelOutput
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5, 9.0]])  # entry 5 is vocabulary padding (vocab_size 5)
+    n, temperature = 20000, 0.7
+    out = ModelOutput(logits.expand(n, -1).contiguous(), None, 5, None, 'torch')
+    seeds = list(range(n))
+    draws = gen._sample(out, temperature, gen.sequence_generators(seeds))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    want = torch.softmax(logits[0, :5].double() / temperature, -1)
+    assert freq[5] == 0
+    assert (freq[:5] - want).abs().max() < 0.012, (freq, want)  # ~4 standard errors at n = 20000
+    again = gen._sample(out, temperature, gen.sequence_generators(seeds))
+    assert torch.equal(draws, again)
+    cold = gen._sample(ModelOutput(logits.expand(100, -1).contiguous(), None, 5, None, 'torch'), 1e-3,
+                       gen.sequence_generators(range(100)))
+    assert cold.tolist() == [0] * 100
+    with pytest.raises(ValueError, match='one seed per prompt'):
+        gen.generate(None, [[1]], gen.GenerationSpec(max_new_tokens=2, stop_ids=[], temperature=1.0))

@@ -7,6 +7,7 @@ One launch of ``rlhf_cases.py`` per world size (1: plain python; 2: torchrun, gl
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -43,7 +44,9 @@ LAYOUTS = [('dpo_tp2', 'dpo'), ('dpo_pp2', 'dpo'), ('dpo_pp2_vpp2', 'dpo'), ('dp
            # --precompute_ref_log_probs: the reference runs once before training and is freed
            ('dpo_precompute', 'dpo'), ('dpo_pp2_precompute', 'dpo'), ('kto_dp2_precompute', 'kto'),
            # the value head (replicated over TP) and the teacher's vocabulary-parallel distributions
-           ('rm_tp2_sp', 'rm'), ('rm_pp2', 'rm'), ('gkd_tp2_sp', 'gkd'), ('gkd_pp2', 'gkd')]
+           ('rm_tp2_sp', 'rm'), ('rm_pp2', 'rm'), ('gkd_tp2_sp', 'gkd'), ('gkd_pp2', 'gkd'),
+           # on-policy GKD: the same sampled completions in every layout (seeded per sample and step)
+           ('gkd_on_policy_tp2_sp', 'gkd_on_policy'), ('gkd_on_policy_dp2', 'gkd_on_policy')]
 
 
 @pytest.mark.parametrize('case, ref', LAYOUTS)
@@ -52,7 +55,7 @@ def test_layout_follows_single_process_trajectory(results, case, ref):
     assert max_diff(got['loss'], want['loss']) <= LOSS_TOL, (case, got['loss'], want['loss'])
     rel = max(abs(x - y) / y for x, y in zip(got['grad_norm'], want['grad_norm']))
     # GKD: fp32 summation order over the vocabulary (see rlhf_cases.GKD); its TP arithmetic: test_jsd_under_tp
-    assert rel <= (1e-3 if ref == 'gkd' else GRAD_NORM_RTOL), (case, got['grad_norm'], want['grad_norm'])
+    assert rel <= (1e-3 if ref.startswith('gkd') else GRAD_NORM_RTOL), (case, got['grad_norm'], want['grad_norm'])
     for name, values in want.get('metrics', {}).items():
         assert max_diff(got['metrics'][name], values) <= 1e-4, (case, name, got['metrics'][name], values)
 
@@ -93,6 +96,29 @@ def test_resume_is_bit_exact(results):
     for key in ('loss', 'grad_norm', 'lr'):
         assert a[key][3:] == b[key][3:], (key, a[key], b[key])
     assert a['metrics'] == {k: v for k, v in b['metrics'].items()}
+
+
+def test_gkd_trains_on_generated_completions(results):
+    """--lmbda 1: every step on the student's own completions (at most 6 new tokens + the stop token, not the
+    dataset's 2-10 word answers); --seq_kd: the teacher's; --lmbda 0.5 --seq_kd: the steps the per-step draw picks
+    on-policy, the teacher's otherwise; resume after step 3 continues bit for bit (completions seeded per step)."""
+    from megaswift.trainers.objectives.gkd import GkdObjective
+    plain, on_policy, seq_kd, mixed = (trajectory(results, n) for n in ('gkd', 'gkd_on_policy', 'gkd_seq_kd',
+                                                                        'gkd_mixed'))
+    assert plain['metrics']['completions/generated'] == [0.0] * 6
+    assert max(plain['metrics']['completions/mean_length']) > 7  # the dataset's answers
+    for run in (on_policy, seq_kd, mixed):
+        assert run['metrics']['completions/generated'] == [1.0] * 6, run['metrics']
+        assert max(run['metrics']['completions/mean_length']) <= 7, run['metrics']
+    assert on_policy['loss'][0] != seq_kd['loss'][0] != plain['loss'][0]
+    decide = GkdObjective(argparse.Namespace(beta=0.5, temperature=0.5, lmbda=0.5, seq_kd=True, seed=42))
+    sources = [decide.completion_source(step) for step in range(1, 7)]  # the logged steps
+    assert set(sources) == {'policy', 'teacher'}, sources  # both kinds of step happen in the mixed run
+    same_as = on_policy if sources[0] == 'policy' else seq_kd  # step 1 starts from the same weights: the same
+    assert abs(mixed['loss'][0] - same_as['loss'][0]) < 1e-6, (sources, mixed['loss'], same_as['loss'])  # completions
+    resumed = trajectory(results, 'gkd_on_policy_resume')
+    for key in ('loss', 'grad_norm', 'lr'):
+        assert resumed[key][3:] == on_policy[key][3:], (key, resumed[key], on_policy[key])
 
 
 def test_reward_model_evaluation_flips_with_swapped_columns(results):

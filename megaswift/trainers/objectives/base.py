@@ -17,6 +17,9 @@ any particular loss. An ``Objective`` tells it
   a dict of several (pairs and chosen tokens); the loop sums each over the step's micro-batches and
   data-parallel ranks and hands the totals to ``loss`` as ``batch['loss_denominator']`` (a tensor, or a dict
   of them), so any layout follows the single-process trajectory;
+- ``rollout(batches, rollout)``: the step's micro-batches to train on, before the frozen passes: the dataset's
+  (default), or completions generated from their prompts by the policy or a frozen model (``trainers/rollout.py``;
+  GKD on-policy and ``--seq_kd``);
 - ``prepare_step(batches, parallel)``: called after the frozen passes with all of the step's micro-batches (a
   step-level quantity such as KTO's reference point, all-reduced over data-parallel ranks, goes in here);
 - ``loss(output, batch, evaluate)``: the micro-batch loss, with the contract of megatron-core's schedules
@@ -173,6 +176,12 @@ class Objective:
     @classmethod
     def check_data(cls, encoded, args) -> None:
         """A look at the encoded training set before training (e.g. KTO's label balance); default: nothing."""
+
+    def rollout(self, batches: list[dict], rollout) -> list[dict]:
+        """The step's micro-batches to train on: ``batches`` (collated from the dataset; the default), or what
+        ``rollout`` (``trainers.rollout.Rollout``) generates from their prompts. Called before the frozen passes,
+        on every rank with the same decision."""
+        return batches
 
     def prepare_step(self, batches: list[dict], parallel) -> None:
         """Step-level preparation after the frozen passes (default: nothing)."""
