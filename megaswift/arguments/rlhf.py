@@ -61,6 +61,9 @@ class RlhfObjectiveArguments:
                                 f'{pp} is not supported with it (use tensor and data parallelism)')
         if self.precompute_ref_log_probs and (self.rlhf_type not in ('dpo', 'kto') or self.reference_free):
             raise ArgumentError('--precompute_ref_log_probs: only dpo and kto use a reference model')
+        if self.precompute_ref_log_probs and getattr(self, 'streaming', False):
+            raise ArgumentError('--precompute_ref_log_probs needs the whole dataset before training; with '
+                                '--streaming the reference runs every step (leave --precompute_ref_log_probs false)')
         if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
             raise ArgumentError('--desirable_weight and --undesirable_weight must be > 0')
 

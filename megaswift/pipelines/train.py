@@ -79,9 +79,6 @@ def preflight(args) -> Plan:
     # an unknown objective fails before any model is built
     flag = '--rlhf_type' if getattr(args, 'rlhf_type', None) else '--loss_type'
     objective = losses.lookup(objective_name(args), flag=flag)
-    if args.streaming and tuple(objective.sequences) != ('',):
-        raise ArgumentError(f'--streaming is not supported for {flag} {objective_name(args)} yet (its samples hold '
-                            f'several sequences)')
     if 'teacher' in objective.frozen_models:
         check_same_tokenizer(model_dir, args.teacher_model)
     # unknown or unusable --eval_metric fail here, not after the model is built
@@ -133,9 +130,11 @@ def prepare_data(args, plan: Plan):
             extra.rows += val_rows.rows
             extra.sources += val_rows.sources
         val_rows = extra
+    prepare_rows = None
     if plan.objective.template_mode == 'kto':  # each row's KL completion: the next row's answer
         from ..dataset import add_kl_responses
-        train_rows = add_kl_responses(train_rows)
+        prepare_rows = add_kl_responses  # --streaming: within each window of rows
+        train_rows = add_kl_responses(train_rows) if train_rows is not None else None
         val_rows = add_kl_responses(val_rows) if val_rows is not None and len(val_rows) else val_rows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sequences, columns = tuple(plan.objective.sequences), tuple(plan.objective.columns)
@@ -144,7 +143,8 @@ def prepare_data(args, plan: Plan):
 
     def collator(row_set, desc):
         if row_set is None:  # --streaming: the sampler makes one of every step's samples
-            return Collator(None, [], args.padding_free, multiple, pad_id, plan.max_length), 0
+            return Collator(None, [], args.padding_free, multiple, pad_id, row_length, columns=columns,
+                            sequences=sequences), 0
         encoded = encode_on_rank0_first(row_set, encoder, args.dataset_num_proc, desc)
         items = build_items(encoded, args.packing, row_length)
         return Collator(encoded, items, args.padding_free, multiple, pad_id, row_length, columns=columns,
@@ -156,7 +156,7 @@ def prepare_data(args, plan: Plan):
                      stop_token_ids=stop_token_ids(tokenizer, encoder, plan.hf_config, plan.model_dir))
     if args.streaming:
         from ..trainers.streaming import streaming_sampler
-        data.sampler = streaming_sampler(args, encoder, data, plan.max_length)
+        data.sampler = streaming_sampler(args, encoder, data, row_length, prepare_rows)
     if val_rows is not None and len(val_rows):
         data.val_collator, data.val_num_items = collator(val_rows, 'encoding eval set')
     if args.max_steps:

@@ -9,6 +9,9 @@ samples (its item ids are ``0 .. global_batch_size - 1``), so the loop collates 
 ranks (``rank_micro_batches``) as it does without streaming: every rank reads the same stream, and a DP run follows
 the single-process trajectory. Memory: the shuffle buffer's raw rows, one encoded window and one step.
 
+Objectives whose samples hold several sequences (DPO pairs, KTO with its KL completion) stream the same way: a
+sample's sequences stay together in one packed row; KTO's KL completion is the next row's answer within the window.
+
 When the files end, the stream restarts (the next epoch, reshuffled with ``(seed, epoch)``). The position saved
 in checkpoints is (epoch, rows of that epoch before the current window, items taken from the window); resume
 reads the rows before the window without decoding them, encodes that one window again and drops the items
@@ -32,9 +35,14 @@ logger = logging.getLogger(__name__)
 Item = tuple[EncodedDataset, list[int]]  # a window's samples and the indices of one item's samples in it
 
 
-def encode_window(encoder, rows: list[tuple[dict, Any]]) -> EncodedDataset:
-    """Encode ``(row, source)`` pairs; rows over ``max_length`` ('delete') are left out and counted."""
-    return encode_rows(encoder, [row for row, _ in rows], [src for _, src in rows])
+def encode_window(encoder, rows: list[tuple[dict, Any]], prepare_rows=None) -> EncodedDataset:
+    """Encode ``(row, source)`` pairs; rows over ``max_length`` ('delete') are left out and counted.
+    ``prepare_rows`` (a ``Dataset`` -> ``Dataset``, e.g. KTO's ``add_kl_responses``) sees the window first."""
+    values, sources = [row for row, _ in rows], [src for _, src in rows]
+    if prepare_rows is not None:
+        from ..dataset import Dataset
+        values = prepare_rows(Dataset(values, sources)).rows
+    return encode_rows(encoder, values, sources)
 
 
 def gather_samples(items: list[Item]) -> tuple[EncodedDataset, list[list[int]]]:
@@ -65,8 +73,9 @@ class StreamingSampler:
     ``state_dict`` / ``load_state_dict`` hold the stream position."""
 
     def __init__(self, stream: RowStream, encoder, data, global_batch_size: int, window: int, packing: bool,
-                 max_length: int | None, seed: int, shuffle: bool = True):
+                 max_length: int | None, seed: int, shuffle: bool = True, prepare_rows=None):
         self.stream, self.encoder, self.data, self._collator = stream, encoder, data, data.collator
+        self.prepare_rows = prepare_rows
         self.global_batch_size, self.window = int(global_batch_size), int(window)
         self.packing, self.max_length = bool(packing), max_length
         self.seed, self.shuffle = int(seed), bool(shuffle)
@@ -96,7 +105,7 @@ class StreamingSampler:
             if not rows:
                 self._end_epoch()
                 continue
-            encoded = encode_window(self.encoder, rows)
+            encoded = encode_window(self.encoder, rows, self.prepare_rows)
             self.skipped += encoded.num_skipped
             self._epoch_samples += len(encoded)
             if len(encoded):
@@ -167,11 +176,12 @@ class StreamingSampler:
         self.consumed = int(state['consumed'])
 
 
-def streaming_sampler(args, encoder, data, max_length: int) -> StreamingSampler:
+def streaming_sampler(args, encoder, data, max_length: int, prepare_rows=None) -> StreamingSampler:
+    """The sampler of ``--streaming``; ``max_length`` is a packed row's length (a sample's sequences share one)."""
     stream = RowStream(args.dataset, args.data_seed, args.shuffle_buffer_size, chat=args.use_chat_template,
                        shuffle=args.train_dataloader_shuffle)
     sampler = StreamingSampler(stream, encoder, data, args.global_batch_size, args.packing_interval,
-                               args.packing, max_length, args.data_seed, args.train_dataloader_shuffle)
+                               args.packing, max_length, args.data_seed, args.train_dataloader_shuffle, prepare_rows)
     if args.dataset_num_proc > 1:
         logger.warning('--dataset_num_proc %d is not used with --streaming: each window is encoded in this process',
                        args.dataset_num_proc)

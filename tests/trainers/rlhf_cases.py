@@ -53,6 +53,8 @@ GKD = dict(teacher_model=None, temperature=0.5)
 LORA = dict(tuner_type='lora', lr=1e-2, lora_dropout=0.0)  # dropout masks would differ between layouts
 # every step on the student's own completions (sampled at --temperature; 6 new tokens at most)
 GKD_ON_POLICY = dict(lmbda=1.0, max_completion_length=6)
+# --streaming: windows of 12 rows (32 pairs: step 6 is in the second pass), packed rows of both sequences
+STREAM = dict(streaming=True, shuffle_buffer_size=8, packing_interval=12)
 
 
 def jsd_direct() -> dict:
@@ -102,6 +104,10 @@ def world1(setup, work):
          resume_from_checkpoint=str(work / 'gkd_on_policy' / 'iter_0000003'))
     rlhf(setup, work, 'gkd_seq_kd', 'gkd', seq_kd=True, max_completion_length=6, **GKD)
     rlhf(setup, work, 'gkd_mixed', 'gkd', lmbda=0.5, seq_kd=True, max_completion_length=6, **GKD)
+    rlhf(setup, work, 'dpo_stream', 'dpo', save_steps=3, **STREAM)
+    rlhf(setup, work, 'dpo_stream_resume', 'dpo', **STREAM,
+         resume_from_checkpoint=str(work / 'dpo_stream' / 'iter_0000003'))
+    rlhf(setup, work, 'kto_stream', 'kto', data='kto', **STREAM)
     rlhf(setup, work, 'dpo_overfit', 'dpo', data='pairs4', packing=False)
     rlhf(setup, work, 'dpo_lora_overfit', 'dpo', data='pairs4', packing=False, **LORA)
     rlhf(setup, work, 'kto_overfit', 'kto', data='kto4', packing=False)
@@ -132,6 +138,8 @@ def world2(setup, work):
     rlhf(setup, work, 'gkd_on_policy_tp2_sp', 'gkd', tensor_model_parallel_size=2, sequence_parallel=True, **GKD,
          **GKD_ON_POLICY)
     rlhf(setup, work, 'gkd_on_policy_dp2', 'gkd', **GKD, **GKD_ON_POLICY)
+    rlhf(setup, work, 'dpo_stream_dp2', 'dpo', **STREAM)
+    rlhf(setup, work, 'kto_stream_dp2', 'kto', data='kto', **STREAM)
     results['jsd_direct'] = jsd_direct()
     restore = per_rank_normalisation()
     try:

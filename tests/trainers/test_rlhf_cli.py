@@ -45,6 +45,8 @@ def test_bad_rows_fail_with_file_line_and_field(run_cli, tiny_llama_dir, tmp_pat
     (['--rlhf_type', 'gkd'], '--rlhf_type gkd needs --teacher_model'),
     (['--rlhf_type', 'rm', '--precompute_ref_log_probs', 'true'], 'only dpo and kto use a reference model'),
     (['--rlhf_type', 'dpo', '--seq_kd', 'true'], '--lmbda and --seq_kd are GKD options'),
+    (['--rlhf_type', 'dpo', '--streaming', 'true', '--precompute_ref_log_probs', 'true'],
+     '--precompute_ref_log_probs needs the whole dataset'),
     (['--rlhf_type', 'gkd', '--teacher_model', 't', '--lmbda', '1.5'], '--lmbda: a probability in [0, 1]'),
     (['--rlhf_type', 'gkd', '--teacher_model', 't', '--lmbda', '0.5', '--pipeline_model_parallel_size', '2'],
      '--lmbda > 0 generates completions during training'),

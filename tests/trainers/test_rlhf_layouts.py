@@ -46,7 +46,9 @@ LAYOUTS = [('dpo_tp2', 'dpo'), ('dpo_pp2', 'dpo'), ('dpo_pp2_vpp2', 'dpo'), ('dp
            # the value head (replicated over TP) and the teacher's vocabulary-parallel distributions
            ('rm_tp2_sp', 'rm'), ('rm_pp2', 'rm'), ('gkd_tp2_sp', 'gkd'), ('gkd_pp2', 'gkd'),
            # on-policy GKD: the same sampled completions in every layout (seeded per sample and step)
-           ('gkd_on_policy_tp2_sp', 'gkd_on_policy'), ('gkd_on_policy_dp2', 'gkd_on_policy')]
+           ('gkd_on_policy_tp2_sp', 'gkd_on_policy'), ('gkd_on_policy_dp2', 'gkd_on_policy'),
+           # --streaming: every DP rank reads the same stream of pairs (KTO: KL completions within the window)
+           ('dpo_stream_dp2', 'dpo_stream'), ('kto_stream_dp2', 'kto_stream')]
 
 
 @pytest.mark.parametrize('case, ref', LAYOUTS)
@@ -91,11 +93,21 @@ def test_loss_type_is_the_one_asked_for(results):
     assert abs(sigmoid[0] - math.log(2)) < 1e-6
 
 
-def test_resume_is_bit_exact(results):
-    a, b = trajectory(results, 'dpo'), trajectory(results, 'dpo_resume')
+@pytest.mark.parametrize('run, resumed', [('dpo', 'dpo_resume'), ('dpo_stream', 'dpo_stream_resume')])
+def test_resume_is_bit_exact(results, run, resumed):
+    a, b = trajectory(results, run), trajectory(results, resumed)
     for key in ('loss', 'grad_norm', 'lr'):
         assert a[key][3:] == b[key][3:], (key, a[key], b[key])
-    assert a['metrics'] == {k: v for k, v in b['metrics'].items()}
+    assert {k: v[3:] for k, v in a['metrics'].items()} == {k: v[3:] for k, v in b['metrics'].items()}
+
+
+def test_streamed_pairs_train_like_pairs(results):
+    """A streamed DPO run starts at log 2 with zero margins (policy == reference on real pairs); streamed KTO at
+    0.5, its KL reference point (from the window's mismatched completions) exercised."""
+    dpo, kto = trajectory(results, 'dpo_stream'), trajectory(results, 'kto_stream')
+    assert abs(dpo['loss'][0] - math.log(2)) < 1e-6 and dpo['metrics']['rewards/margins'][0] == 0.0, dpo
+    assert abs(kto['loss'][0] - 0.5) < 1e-6, kto
+    assert max(kto['metrics']['kl']) > 0, kto['metrics']
 
 
 def test_gkd_trains_on_generated_completions(results):
