@@ -15,6 +15,7 @@ class InferEngine(ABC):
     """
 
     model_name: str = ''
+    supports_logprobs: bool = False  # fills ``choice.logprobs`` when ``request_config.logprobs`` is set
 
     @abstractmethod
     def infer(self, requests: list[InferRequest], request_config: RequestConfig) -> list[ChatCompletionResponse]:

@@ -23,6 +23,9 @@ class DecodeState:
     tokens: torch.Tensor          # [rows, steps] generated ids (pad after a row finished)
     finished: torch.Tensor        # [rows] bool
     hit_stop: torch.Tensor        # [rows] bool: finished by a stop token (vs length)
+    logprobs: torch.Tensor | None = None     # [rows, steps] log-prob of each generated id (cfg.logprobs)
+    top_ids: torch.Tensor | None = None      # [rows, steps, cfg.top_logprobs] the most likely ids at each step
+    top_logprobs: torch.Tensor | None = None  # [rows, steps, cfg.top_logprobs] their log-probs
 
 
 def row_generators(prompts: list[list[int]], n: int, seed: int) -> list[torch.Generator]:
@@ -80,6 +83,27 @@ def _worth_compacting(live: int, batch: int) -> bool:
     return live < batch and (batch - live) * 8 >= batch
 
 
+class _LogprobRecorder:
+    """Log-probs of the sampled ids (and the top-k alternatives) under the model's own distribution: the raw
+    logits' log-softmax, before repetition penalty, temperature, top-k and top-p."""
+
+    def __init__(self, rows: int, steps: int, k: int, device):
+        self.k = k
+        self.chosen = torch.zeros(rows, steps, device=device)
+        self.top_ids = torch.zeros(rows, steps, k, dtype=torch.long, device=device)
+        self.top_values = torch.zeros(rows, steps, k, device=device)
+
+    def record(self, logits: torch.Tensor, token: torch.Tensor, active: torch.Tensor, step: int) -> None:
+        logp = logits.float().log_softmax(-1)
+        self.chosen[active, step] = logp.gather(-1, token[:, None]).squeeze(-1)
+        if self.k:
+            top = logp.topk(self.k, dim=-1)
+            self.top_ids[active, step], self.top_values[active, step] = top.indices, top.values
+
+    def upto(self, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.chosen[:, :steps], self.top_ids[:, :steps], self.top_values[:, :steps]
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: RequestConfig, max_new_tokens: int,
            stop_token_ids: list[int], pad_token_id: int,
@@ -106,7 +130,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Re
     hit_stop = torch.zeros(rows, dtype=torch.bool, device=device)
     active = torch.arange(rows, device=device)  # original row of each row still in the batch
     seen = input_ids.masked_fill(attention_mask == 0, pad_token_id) if cfg.repetition_penalty != 1.0 else None
+    lp = _LogprobRecorder(rows, max_new_tokens, cfg.top_logprobs, device) if cfg.logprobs else None
     for step in range(max_new_tokens):
+        raw_logits = logits
         if seen is not None:
             logits = _apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
         token = sample_next(logits, cfg, None if generators is None else [generators[i] for i in active.tolist()])
@@ -114,10 +140,13 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: Re
         done_before = finished[active]  # rows that finished earlier but are still in the batch
         token = torch.where(done_before, torch.full_like(token, pad_token_id), token)
         tokens[active, step] = token
+        if lp is not None:
+            lp.record(raw_logits, token, active, step)
         is_stop = torch.isin(token, stops) & ~done_before
         finished[active[is_stop]] = True
         hit_stop[active[is_stop]] = True
-        yield DecodeState(tokens[:, :step + 1], finished.clone(), hit_stop.clone())
+        yield DecodeState(tokens[:, :step + 1], finished.clone(), hit_stop.clone(),
+                          *(lp.upto(step + 1) if lp is not None else ()))
         if bool(finished.all()) or step + 1 == max_new_tokens:
             return
         if seen is not None:

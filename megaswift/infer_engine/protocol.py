@@ -31,6 +31,8 @@ class RequestConfig:
     stop: list[str] | None = None
     stream: bool = False
     repetition_penalty: float = 1.0
+    logprobs: bool = False  # per-token log-probs of the sampled tokens (engines with ``supports_logprobs``)
+    top_logprobs: int = 0   # with ``logprobs``: also the k most likely tokens at each step
 
     def __post_init__(self):
         if self.n < 1:
@@ -41,21 +43,47 @@ class RequestConfig:
             raise ValueError(f'RequestConfig.top_p must be in (0, 1], got {self.top_p}')
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f'RequestConfig.max_tokens must be >= 1, got {self.max_tokens}')
+        if self.top_logprobs < 0 or (self.top_logprobs and not self.logprobs):
+            raise ValueError(f'RequestConfig.top_logprobs must be >= 0 and needs logprobs=True, '
+                             f'got {self.top_logprobs}')
 
 
 @dataclass
 class ChatMessage:
     role: str
-    content: str
+    content: str | None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI form: {id, type: 'function', function: {name, arguments}}
+
+
+@dataclass
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its log-prob under the model (before temperature / top-p) and the top alternatives."""
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
+
+
+@dataclass
+class ChoiceLogprobs:
+    content: list[TokenLogprob]
 
 
 @dataclass
 class ChatCompletionChoice:
     index: int
     message: ChatMessage
-    finish_reason: str | None = None  # 'stop' | 'length'
+    finish_reason: str | None = None  # 'stop' | 'length' | 'tool_calls'
     token_ids: list[int] | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 @dataclass
@@ -83,10 +111,20 @@ class ChatCompletionResponse:
             choices.append(ChatCompletionChoice(
                 index=c.get('index', i),
                 message=ChatMessage(role=msg.get('role', 'assistant'), content=msg.get('content') or '',
-                                    reasoning_content=msg.get('reasoning_content') or msg.get('reasoning')),
+                                    reasoning_content=msg.get('reasoning_content') or msg.get('reasoning'),
+                                    tool_calls=msg.get('tool_calls') or None),
                 finish_reason=c.get('finish_reason'),
-                token_ids=c.get('token_ids')))
+                token_ids=c.get('token_ids'),
+                logprobs=_logprobs_from_dict(c.get('logprobs'))))
         u = body.get('usage') or {}
         usage = UsageInfo(u.get('prompt_tokens', 0), u.get('completion_tokens', 0), u.get('total_tokens', 0))
         return cls(model=body.get('model', ''), choices=choices, usage=usage,
                    id=body.get('id') or f'chatcmpl-{uuid.uuid4().hex}')
+
+
+def _logprobs_from_dict(body: dict[str, Any] | None) -> ChoiceLogprobs | None:
+    if not body or body.get('content') is None:
+        return None
+    return ChoiceLogprobs([TokenLogprob(t['token'], t['logprob'], t.get('bytes'),
+                                        [TopLogprob(x['token'], x['logprob'], x.get('bytes'))
+                                         for x in t.get('top_logprobs') or []]) for t in body['content']])

@@ -8,8 +8,8 @@ import torch
 from ..model import load_causal_lm
 from .base import InferEngine
 from .decoding import decode, row_generators
-from .protocol import (ChatCompletionChoice, ChatCompletionResponse, ChatMessage, InferRequest, RequestConfig,
-                       UsageInfo)
+from .protocol import (ChatCompletionChoice, ChatCompletionResponse, ChatMessage, ChoiceLogprobs, InferRequest,
+                       RequestConfig, TokenLogprob, TopLogprob, UsageInfo)
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ _ROLE_FOR_TEMPLATE = {'tool_call': 'assistant', 'tool_response': 'tool'}
 
 class TransformersEngine(InferEngine):
     """``max_batch_size`` bounds the sequences decoded together (prompts x n)."""
+    supports_logprobs = True
 
     def __init__(self, model: str, torch_dtype: str | None = 'auto', device: str | None = None,
                  max_batch_size: int = 64, model_name: str | None = None):
@@ -88,8 +89,9 @@ class TransformersEngine(InferEngine):
                 toks = _trim(tokens[row], self.stop_token_ids)
                 text, stopped_by_word = self._decode(toks, cfg.stop)
                 finish = 'stop' if (bool(state.hit_stop[row]) or stopped_by_word) else 'length'
+                logprobs = ChoiceLogprobs(self._token_logprobs(state, row, 0, len(toks))) if cfg.logprobs else None
                 choices.append(ChatCompletionChoice(index=k, message=ChatMessage('assistant', text),
-                                                    finish_reason=finish, token_ids=toks))
+                                                    finish_reason=finish, token_ids=toks, logprobs=logprobs))
                 completion_tokens += len(toks)
             usage = UsageInfo(len(prompt), completion_tokens, len(prompt) + completion_tokens)
             responses.append(ChatCompletionResponse(model=self.model_name, choices=choices, usage=usage))
@@ -103,6 +105,20 @@ class TransformersEngine(InferEngine):
                 return text[:cut], True
         return text, False
 
+    def _token_logprobs(self, state, row: int, start: int, end: int) -> list[TokenLogprob]:
+        """OpenAI-style entries for the generated tokens ``start:end`` of ``row``; a token's text is its own
+        decoding (a piece of a multi-byte character shows as U+FFFD)."""
+        def entry(cls, token_id: int, logprob: float, **extra):
+            text = self.tokenizer.decode([token_id])
+            return cls(text, logprob, list(text.encode('utf-8')), **extra)
+        out = []
+        for s in range(start, end):
+            alternatives = [entry(TopLogprob, i, v) for i, v in
+                            zip(state.top_ids[row, s].tolist(), state.top_logprobs[row, s].tolist())]
+            out.append(entry(TokenLogprob, int(state.tokens[row, s]), float(state.logprobs[row, s]),
+                             top_logprobs=alternatives))
+        return out
+
     def _all_hit_stop_words(self, state, stop_words: list[str]) -> bool:
         for row in range(state.tokens.shape[0]):
             if bool(state.finished[row]):
@@ -113,28 +129,35 @@ class TransformersEngine(InferEngine):
         return True
 
     def infer_stream(self, request: InferRequest, request_config: RequestConfig):
-        """Yield, after every decode step, the text delta of each of the ``n`` choices."""
+        """Yield ``(deltas, finish, logprobs)`` after every decode step: the text delta of each of the ``n``
+        choices, their finish reasons on the last step (else None) and, with ``cfg.logprobs``, the
+        ``TokenLogprob`` entries of each choice's new tokens (else None)."""
         cfg = request_config
         prompt = self.encode_prompt(request)
         ids, mask = self._left_pad([prompt])
         generators = row_generators([prompt], cfg.n, cfg.seed) if cfg.seed is not None else None
         sent = [''] * cfg.n
+        logged = [0] * cfg.n  # tokens whose log-probs were sent, per choice
         state = None
         for state in decode(self.model, ids, mask, cfg, self._max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
                             self.pad_token_id, generators):
-            deltas = []
+            deltas, logprobs = [], [] if cfg.logprobs else None
             for k in range(cfg.n):
-                text, _ = self._decode(_trim(state.tokens[k].tolist(), self.stop_token_ids), cfg.stop)
+                toks = _trim(state.tokens[k].tolist(), self.stop_token_ids)
+                if logprobs is not None:
+                    logprobs.append(self._token_logprobs(state, k, logged[k], len(toks)))
+                    logged[k] = len(toks)
+                text, _ = self._decode(toks, cfg.stop)
                 if text.endswith('\ufffd'):  # an incomplete multi-byte character: wait for the next token
                     deltas.append('')
                     continue
                 deltas.append(text[len(sent[k]):])
                 sent[k] = text
-            yield deltas, None
+            yield deltas, None, logprobs
         finish = ['stop' if bool(state.hit_stop[k]) else 'length' for k in range(cfg.n)]
         # flush what was held back (an unfinished multi-byte character stays as U+FFFD, as in infer())
         final = [self._decode(_trim(state.tokens[k].tolist(), self.stop_token_ids), cfg.stop)[0] for k in range(cfg.n)]
-        yield [text[len(sent[k]):] for k, text in enumerate(final)], finish
+        yield [text[len(sent[k]):] for k, text in enumerate(final)], finish, [[]] * cfg.n if cfg.logprobs else None
 
 
 def _trim(tokens: list[int], stop_ids: list[int]) -> list[int]:

@@ -1,14 +1,10 @@
-"""``megaswift deploy``: serve a model behind an OpenAI-compatible API."""
+"""``megaswift deploy``: serve a model behind an OpenAI-compatible API (FastAPI + uvicorn)."""
 from __future__ import annotations
-
-import logging
-import signal
 
 from ..arguments.deploy import DeployArguments
 from ..infer_engine import get_infer_engine
-from ..serving.openai_server import OpenAIServer
-
-logger = logging.getLogger(__name__)
+from ..serving.app import serve
+from ..serving.openai_routes import create_openai_app
 
 
 def deploy_main(args: DeployArguments) -> None:
@@ -16,15 +12,11 @@ def deploy_main(args: DeployArguments) -> None:
     if args.infer_backend == 'transformers':
         kwargs.setdefault('max_batch_size', 64)
     engine = get_infer_engine(args.infer_backend, args.model, args.torch_dtype, **kwargs)
-    server = OpenAIServer(engine, args.host, args.port, args.served_model_name or args.model, args.max_batch_size,
-                          args.api_key)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    # Tests and scripts wait for this exact line to learn the address (also with --port 0).
-    print(f'megaswift deploy: serving {server.model_name} at {server.url}', flush=True)
+    name = args.served_model_name or args.model
+    app = create_openai_app(engine, name, args.limits(), args.api_key, args.max_batch_size, args.agent_template)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        logger.info('shutting down')
+        # Tests and scripts wait for this exact line to learn the address (also with --port 0).
+        serve(app, args.host, args.port,
+              on_listen=lambda url: print(f'megaswift deploy: serving {name} at {url}/v1', flush=True))
     finally:
-        server.httpd.server_close()
         engine.close()

@@ -34,16 +34,17 @@ def _open(url: str, payload: dict | None, api_key: str | None, timeout: float):
 
 
 def with_retries(url: str, call, max_retries: int = 3, retry_backoff: float = 1.0):
-    """Run ``call()``; retry connection errors and 5xx replies, sleeping ``backoff * 2**attempt``.
+    """Run ``call()``; retry connection errors, 429 (server busy) and 5xx replies, sleeping ``backoff * 2**attempt``.
 
-    4xx replies raise ``HTTPStatusError`` at once; exhausted retries raise ``ConnectionError``.
+    Other 4xx replies raise ``HTTPStatusError`` at once; exhausted retries raise ``ConnectionError`` (or
+    ``HTTPStatusError`` for the last reply).
     """
     for attempt in range(max_retries + 1):
         try:
             return call()
         except urllib.error.HTTPError as e:
             detail = e.read()[:500].decode('utf-8', 'replace')
-            if e.code < 500 or attempt == max_retries:
+            if (e.code < 500 and e.code != 429) or attempt == max_retries:
                 raise HTTPStatusError(url, e.code, detail) from None
             error: Exception = e
         except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:

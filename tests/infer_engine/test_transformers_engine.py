@@ -75,7 +75,7 @@ def test_stream_deltas_add_up_to_the_answer(tiny_engine):
     cfg = RequestConfig(max_tokens=10, temperature=0, n=2)
     text = [''] * 2
     finish = None
-    for deltas, finish in tiny_engine.infer_stream(chat('stream me'), cfg):
+    for deltas, finish, _ in tiny_engine.infer_stream(chat('stream me'), cfg):
         text = [t + d for t, d in zip(text, deltas)]
     full = tiny_engine.infer([chat('stream me')], cfg)[0]
     assert text == [c.message.content for c in full.choices]
