@@ -118,6 +118,7 @@ def test_gkd_trains_on_generated_completions(results):
     plain, on_policy, seq_kd, mixed = (trajectory(results, n) for n in ('gkd', 'gkd_on_policy', 'gkd_seq_kd',
                                                                         'gkd_mixed'))
     assert plain['metrics']['completions/generated'] == [0.0] * 6
+    assert max_diff(plain['metrics']['jsd'], plain['loss']) < 1e-9  # the loss, logged by name
     assert max(plain['metrics']['completions/mean_length']) > 7  # the dataset's answers
     for run in (on_policy, seq_kd, mixed):
         assert run['metrics']['completions/generated'] == [1.0] * 6, run['metrics']

@@ -1,4 +1,4 @@
-"""Generalised knowledge distillation (Agarwal et al. 2024) from a frozen teacher on the dataset's responses.
+"""Generalised knowledge distillation (Agarwal et al. 2024) from a frozen teacher.
 
     loss = sum over the step's loss tokens t of JSD_beta(teacher_t || student_t)  /  loss tokens
 
@@ -15,8 +15,9 @@ step, so a resumed run decides alike):
 - otherwise, with ``--seq_kd``: the teacher's completions (sequence-level KD);
 - otherwise: the dataset's responses (supervised KD).
 
-Generated completions come from ``trainers/rollout.py`` (the in-trainer generation); ``completions/generated``
-logs the fraction of trained sequences that were generated, ``completions/mean_length`` their mean trained tokens.
+Logged: ``jsd`` (= the loss; ``eval_jsd`` on ``--val_dataset``'s responses), ``completions/generated`` (the
+fraction of trained sequences that were generated) and ``completions/mean_length`` (their mean trained tokens).
+Generated completions come from ``trainers/rollout.py`` (the in-trainer generation).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .registry import losses
 @losses.register('gkd')
 class GkdObjective(Objective):
     frozen_models = ('teacher',)
-    train_metrics = eval_metrics = ('loss',)
+    eval_metrics = ('loss', 'jsd')
 
     def __init__(self, args):
         super().__init__(args)
@@ -43,7 +44,7 @@ class GkdObjective(Objective):
         self.seq_kd = bool(getattr(args, 'seq_kd', False))
         self.max_completion_length = int(getattr(args, 'max_completion_length', 512) or 512)
         self.seed = int(getattr(args, 'seed', 0) or 0)
-        self.train_metrics = ('loss', 'completions/generated', 'completions/mean_length')
+        self.train_metrics = ('loss', 'jsd', 'completions/generated', 'completions/mean_length')
 
     def completion_source(self, step: int) -> str | None:
         """Whose completions step ``step`` trains on: 'policy' (on-policy), 'teacher' (``--seq_kd``) or None
@@ -76,8 +77,9 @@ class GkdObjective(Objective):
         n = total.new_tensor(float(per_token.numel()))
         sequences = total.new_tensor(float(batch['num_sequences']))
         generated = sequences if 'generated_tokens' in batch else total.new_zeros(())
+        jsd = metric_pair(total, n)  # the loss: mean generalised JSD per token (also logged by that name)
         return (total / batch['loss_denominator'].to(total.dtype), torch.tensor(per_token.numel(), dtype=torch.int),
-                {'loss': metric_pair(total, n), 'completions/generated': metric_pair(generated, sequences),
+                {'loss': jsd, 'jsd': jsd, 'completions/generated': metric_pair(generated, sequences),
                  'completions/mean_length': metric_pair(n, sequences)})
 
 
