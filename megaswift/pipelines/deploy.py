@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from ..arguments.deploy import DeployArguments
 from ..infer_engine import get_infer_engine
-from ..serving.app import serve
+from ..serving.app import bind, serve
 from ..serving.openai_routes import create_openai_app
 
 
 def deploy_main(args: DeployArguments) -> None:
+    sock = bind(args.host, args.port)  # a port in use fails before the model loads
     kwargs = dict(args.engine_kwargs)
     if args.infer_backend == 'transformers':
         kwargs.setdefault('max_batch_size', 64)
@@ -16,7 +17,6 @@ def deploy_main(args: DeployArguments) -> None:
     app = create_openai_app(engine, name, args.limits(), args.api_key, args.max_batch_size, args.agent_template)
     try:
         # Tests and scripts wait for this exact line to learn the address (also with --port 0).
-        serve(app, args.host, args.port,
-              on_listen=lambda url: print(f'megaswift deploy: serving {name} at {url}/v1', flush=True))
+        serve(app, sock, on_listen=lambda url: print(f'megaswift deploy: serving {name} at {url}/v1', flush=True))
     finally:
         engine.close()

@@ -2,7 +2,7 @@
 run by uvicorn.
 
 Every server (``megaswift deploy`` today) is ``build_app(limits, api_key)`` plus its routers, served by
-``serve``. What they share:
+``serve(app, bind(host, port))``. What they share:
 
 - errors are OpenAI-style JSON, ``{"error": {"message", "type", "param", "code"}}``, for every status:
   400 (bad JSON, a bad or missing field: FastAPI's 422 validation errors are answered 400, as OpenAI does),
@@ -10,12 +10,11 @@ Every server (``megaswift deploy`` today) is ``build_app(limits, api_key)`` plus
   requests already in flight), 500 (an engine failure), 503 (``request_timeout`` passed);
 - a failed request fails alone: the error goes to its client and the server keeps serving;
 - ``GET /health`` answers ``{"status": "ok"}`` without a key and is never counted against the limits;
-- ``serve`` binds 127.0.0.1 unless told otherwise, and port 0 picks a free port.
+- ``bind`` takes 127.0.0.1 unless told otherwise, and port 0 picks a free port; ``serve`` runs uvicorn on it.
 """
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import socket
 from collections.abc import Callable
@@ -27,11 +26,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
+from ..utils.errors import UserError
 from .limits import ServerLimits
 
 ModelT = TypeVar('ModelT', bound=BaseModel)
 
-logger = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: 'invalid_request_error', 401: 'authentication_error', 404: 'not_found_error',
                405: 'invalid_request_error', 413: 'invalid_request_error', 429: 'rate_limit_error',
@@ -99,8 +98,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(message), code=code, headers=getattr(exc, 'headers', None))
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception):  # logged here, reported to the client
-        logger.error('request failed', exc_info=exc)
+    async def unexpected_error(_: Request, exc: Exception):  # starlette logs it with its traceback too
         return error_response(500, f'{type(exc).__name__}: {exc}')
 
 
@@ -189,20 +187,33 @@ def build_app(limits: ServerLimits | None = None, api_key: str | None = None, ti
     return app
 
 
-def serve(app: FastAPI, host: str = '127.0.0.1', port: int = 8000,
-          on_listen: Callable[[str], None] | None = None) -> None:
-    """Serve ``app`` until SIGINT / SIGTERM. The socket listens before ``on_listen(url)`` is called, so a
-    client told the URL can connect at once (with ``port=0`` the URL holds the port picked)."""
-    import uvicorn
+class ServeError(UserError, OSError):
+    pass
+
+
+def bind(host: str = '127.0.0.1', port: int = 8000) -> socket.socket:
+    """A socket bound to ``host:port`` (0: a free port), not yet listening: bind before loading a model, so a
+    port in use fails at once, and clients are refused rather than left waiting while the model loads."""
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f'cannot listen on {host}:{port}: {e.strerror or e} (--host / --port; 0 picks a free port)'
+                         ) from None
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket, on_listen: Callable[[str], None] | None = None) -> None:
+    """Serve ``app`` on the bound ``sock`` until SIGINT / SIGTERM (in-flight requests get 5 s to finish). The
+    socket listens before ``on_listen(url)`` is called, so a client told the URL can connect at once."""
+    import uvicorn
     sock.listen(2048)
-    bound = sock.getsockname()[1]
-    url = f'http://[{host}]:{bound}' if family == socket.AF_INET6 else f'http://{host}:{bound}'
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    host, port = sock.getsockname()[:2]
+    url = f'http://[{host}]:{port}' if sock.family == socket.AF_INET6 else f'http://{host}:{port}'
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5))
     if on_listen is not None:
         on_listen(url)
     server.run(sockets=[sock])

@@ -89,7 +89,10 @@ class EngineStream:
         return -1 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutting down): nobody is listening any more
+            self.cancelled.set()
 
     def _run(self, batcher: DynamicBatcher, request: InferRequest, cfg: RequestConfig) -> None:
         try:

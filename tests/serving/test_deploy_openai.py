@@ -230,6 +230,12 @@ def test_client_engine_sees_4xx_at_once(url):
         ClientEngine(base_url=url, api_key=KEY).infer([_req('x')], RequestConfig(max_tokens=10 ** 6))
 
 
+def test_a_port_in_use_fails_before_the_model_loads(url, run_cli):
+    port = urllib.parse.urlparse(url).port
+    r = run_cli(['deploy', '--model', '/nonexistent/model', '--port', port], check=False, timeout=120)
+    assert r.returncode == 1 and f'cannot listen on 127.0.0.1:{port}' in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize('flags, match', [
     (dict(max_n=0), '--max_n must be >= 1'), (dict(request_timeout=-1), '--request_timeout must be >= 0'),
     (dict(agent_template='hermez'), "--agent_template: unknown 'hermez'")])
