@@ -30,8 +30,9 @@ def ask(q):
 
 def test_timeouts_free_the_client_and_drop_queued_requests(batcher):
     async def run():
-        running = asyncio.ensure_future(batcher.infer(ask('running'), LONG, None))
-        await asyncio.sleep(0.05)  # 'running' holds the engine
+        running = asyncio.ensure_future(batcher.infer(ask('running'), RequestConfig(max_tokens=150, temperature=0),
+                                                      None))
+        await asyncio.sleep(0.05)  # 'running' holds the engine (150 steps: ~0.5 s here)
         with pytest.raises(TimeoutError):
             await batcher.infer(ask('queued'), LONG, 0.05)
         await running
