@@ -17,12 +17,13 @@ import megaswift
 # - metrics (eval metrics: BLEU/ROUGE/accuracy over decoded text) and tuners (LoRA on megatron-core modules) are
 #   building blocks of the same kind as rewards and megatron: the trainers and exporters use them;
 # - callbacks receive the trainer's logs and are handed to it by the pipelines, so they sit with the trainers
-#   (they may read trainer-level types); serving wraps the infer engines for `megaswift deploy` beside sampling.
+#   (they may read trainer-level types); serving wraps the infer engines for `megaswift deploy` beside sampling;
+#   rollout (the RL generation server, its client and the weight sync) sits beside serving and uses it.
 LAYERS = {
     'utils': 1, 'ops': 1,
     'dataset': 2, 'template': 2, 'model': 2, 'megatron': 2, 'infer_engine': 2, 'rewards': 2, 'metrics': 2,
     'tuners': 2,
-    'trainers': 3, 'sampling': 3, 'export': 3, 'serving': 3, 'callbacks': 3,
+    'trainers': 3, 'sampling': 3, 'export': 3, 'serving': 3, 'callbacks': 3, 'rollout': 3,
     'arguments': 4, 'pipelines': 4,
     'cli': 5,
 }

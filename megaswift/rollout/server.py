@@ -1,0 +1,169 @@
+"""``megaswift rollout``: the routes a trainer needs, on the shared FastAPI stack (``serving/app.py``).
+
+- ``GET /health`` (no key), ``GET /info``: model, backend, world size (the server's workers), weights version;
+- ``POST /infer``: a batch of ``{prompt_token_ids | messages, n, temperature, top_p, top_k, max_tokens, seed}``
+  -> per completion ``token_ids``, per-token ``logprobs``, ``finish_reason``; every reply carries the
+  ``weights_version`` its completions were generated with;
+- ``POST /init_communicator``, ``/update_weights``, ``/close_communicator``: the weight-sync group and its
+  buckets (``weight_sync.py``); ``POST /reset_prefix_cache``.
+
+Engine work and the broadcasts run in worker threads, so the event loop keeps answering ``/health``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import BaseModel, Field, model_validator
+
+from ..serving.app import APIError, build_app, read_json, require_api_key
+from ..serving.limits import ServerLimits
+from .engine import SamplingRequest
+from .weight_sync import DTYPES, WeightReceiver, WeightSyncError, nbytes
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutRequest(BaseModel):
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    n: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_tokens: int = Field(256, ge=1)
+    seed: int | None = None
+
+    @model_validator(mode='after')
+    def _one_prompt(self):
+        if (self.prompt_token_ids is None) == (self.messages is None):
+            raise ValueError('give exactly one of prompt_token_ids and messages')
+        return self
+
+
+class InferBody(BaseModel):
+    requests: list[RolloutRequest] = Field(min_length=1)
+
+
+class InitCommunicatorBody(BaseModel):
+    host: str
+    port: int = Field(ge=1, lt=65536)
+    world_size: int = Field(ge=2)
+    backend: str = 'gloo'
+    timeout_s: float = Field(600.0, gt=0)
+
+
+class UpdateWeightsBody(BaseModel):
+    names: list[str]
+    shapes: list[list[int]]
+    dtypes: list[str]
+    last: bool = False
+    nbytes: int | None = None  # the trainer's count of the bucket's bytes, checked against the layout
+
+    @model_validator(mode='after')
+    def _aligned(self):
+        if not len(self.names) == len(self.shapes) == len(self.dtypes):
+            raise ValueError('names, shapes and dtypes must have the same length')
+        unknown = sorted(set(self.dtypes) - set(DTYPES))
+        if unknown:
+            raise ValueError(f'unknown dtypes {unknown} (known: {sorted(DTYPES)})')
+        return self
+
+
+class RolloutRoutes:
+    def __init__(self, engine, limits: ServerLimits):
+        self.engine, self.limits = engine, limits
+        self.receiver = WeightReceiver()
+        self.world_size = 1  # server workers in the weight-sync group (data parallel 1)
+        self.router = APIRouter(dependencies=[Depends(require_api_key)])
+        for path, fn, method in (('/info', self.info, 'GET'), ('/infer', self.infer, 'POST'),
+                                 ('/init_communicator', self.init_communicator, 'POST'),
+                                 ('/update_weights', self.update_weights, 'POST'),
+                                 ('/reset_prefix_cache', self.reset_prefix_cache, 'POST'),
+                                 ('/close_communicator', self.close_communicator, 'POST')):
+            self.router.add_api_route(path, fn, methods=[method])
+
+    async def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {'model': e.model_name, 'backend': e.backend, 'world_size': self.world_size,
+                'weights_version': e.weights_version, 'prefix_cache_resets': e.prefix_cache_resets,
+                'communicator': self.receiver.group is not None}
+
+    async def infer(self, request: Request) -> dict[str, Any]:
+        body = await read_json(request, InferBody)
+        reqs = []
+        for i, r in enumerate(body.requests):
+            if r.n > self.limits.max_n:
+                raise APIError(400, f'requests[{i}].n = {r.n} is over the limit of {self.limits.max_n} (--max_n)',
+                               f'requests.{i}.n')
+            if r.max_tokens > self.limits.max_tokens_cap:
+                raise APIError(400, f'requests[{i}].max_tokens = {r.max_tokens} is over the limit of '
+                                    f'{self.limits.max_tokens_cap} (--max_tokens_cap)', f'requests.{i}.max_tokens')
+            ids = r.prompt_token_ids if r.prompt_token_ids is not None else self.engine.prompt_ids(r.messages)
+            reqs.append(SamplingRequest(ids, r.n, r.temperature, r.top_p, r.top_k, r.max_tokens, r.seed))
+        try:
+            results, version = await asyncio.wait_for(asyncio.to_thread(self.engine.infer, reqs),
+                                                      self.limits.timeout)
+        except TimeoutError:
+            raise APIError(503, 'the request timed out (--request_timeout)', code='timeout') from None
+        except ValueError as e:
+            raise APIError(400, str(e), code='invalid_request') from None
+        return {'weights_version': version, 'model': self.engine.model_name,
+                'results': [{'prompt_token_ids': r.prompt_token_ids, 'completions': c} for r, c in zip(reqs, results)]}
+
+    async def init_communicator(self, request: Request) -> dict[str, Any]:
+        body = await read_json(request, InitCommunicatorBody)
+        if body.world_size != 1 + self.world_size:
+            raise APIError(400, f'world_size {body.world_size}: this server has {self.world_size} worker(s), so the '
+                                f'group has {1 + self.world_size} ranks (trainer rank 0 + workers)', 'world_size')
+        if body.backend not in ('gloo', 'nccl'):
+            raise APIError(400, f"backend {body.backend!r}: gloo or nccl", 'backend')
+        try:
+            await asyncio.to_thread(self.receiver.join, body.host, body.port, body.world_size, 1, body.backend,
+                                    body.timeout_s)
+        except Exception as e:  # noqa: BLE001
+            raise APIError(500, f'could not join the weight-sync group at {body.host}:{body.port}: '
+                                f'{type(e).__name__}: {e}', code='communicator_error') from None
+        return {'status': 'ok', 'rank': 1, 'world_size': body.world_size}
+
+    async def update_weights(self, request: Request) -> dict[str, Any]:
+        body = await read_json(request, UpdateWeightsBody)
+        layout = {'names': body.names, 'shapes': body.shapes, 'dtypes': body.dtypes}
+        expected = sum(nbytes(s, d) for s, d in zip(body.shapes, body.dtypes))
+        if body.nbytes is not None and body.nbytes != expected:
+            raise APIError(400, f'nbytes {body.nbytes} does not match the layout ({expected} bytes)', 'nbytes')
+        if self.receiver.group is None:
+            raise APIError(400, 'no communicator: call /init_communicator first', code='no_communicator')
+
+        def receive_and_load():
+            named = self.receiver.receive(layout, self.engine.device)  # always drain the broadcast first
+            self.engine.check_layout(layout)
+            return self.engine.load_weights(named, body.last)
+
+        try:
+            version = await asyncio.to_thread(receive_and_load)
+        except WeightSyncError as e:
+            raise APIError(400, str(e), code='invalid_weights') from None
+        except Exception as e:  # noqa: BLE001 - e.g. the trainer died mid-broadcast
+            logger.error('weight update failed', exc_info=e)
+            raise APIError(500, f'weight update failed: {type(e).__name__}: {e}', code='weight_sync_error') from None
+        return {'status': 'ok', 'weights_version': version, 'received': len(body.names)}
+
+    async def reset_prefix_cache(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.engine.reset_prefix_cache)
+        return {'status': 'ok'}
+
+    async def close_communicator(self) -> dict[str, Any]:
+        await asyncio.to_thread(self.receiver.close)
+        return {'status': 'ok'}
+
+
+def create_rollout_app(engine, limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
+    app = build_app(limits, api_key, title='megaswift rollout')
+    routes = RolloutRoutes(engine, limits)
+    app.include_router(routes.router)
+    app.state.rollout = routes
+    return app

@@ -1,0 +1,209 @@
+"""Weight sync between a megatron-core trainer and a rollout server: one mechanism for every backend.
+
+The trainer's global rank 0 hosts a ``TCPStore``; it and the server's workers build a process group from that
+store (gloo on CPU, NCCL on GPUs), independent of the trainer's default process group. A sync is a series of
+buckets: for each, rank 0 posts the bucket's layout (HF names, shapes, dtypes) to ``/update_weights`` and, at the
+same time, broadcasts the bucket's bytes as one flat ``uint8`` buffer; the server receives into a buffer of the
+size the layout gives, then copies the tensors in place. The last bucket carries ``last: true``: the server then
+bumps its weights version and resets its prefix cache.
+
+Trainer side: ``push_weights(models, parallel, client, bucket_mb)`` (every rank calls it; the TP/PP gathers are
+``iter_hf_weights``'s, one layer at a time, so no rank holds a full copy of the model) or
+``push_named_tensors(client, pairs, bucket_mb)`` for any iterable of ``(hf_name, tensor)``.
+Server side: ``WeightReceiver``.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {str(d).removeprefix('torch.'): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                    torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)}
+DEFAULT_BUCKET_MB = 512
+
+
+class RolloutError(RuntimeError):
+    """The rollout server failed, refused or could not be reached; the message says which server and why."""
+
+
+class WeightSyncError(RolloutError):
+    """A bucket that could not be sent or applied; the message names the server and the tensor."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix('torch.')
+    if name not in DTYPES:
+        raise WeightSyncError(f'cannot sync tensors of dtype {dtype}')
+    return name
+
+
+def nbytes(shape, dtype: str) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def new_group(store: torch.distributed.Store, rank: int, world_size: int, backend: str,
+              timeout_s: float) -> torch.distributed.ProcessGroup:
+    """A process group over ``store`` alone (not the default group): gloo or nccl."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist = torch.distributed
+    if backend == 'gloo':
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == 'nccl':
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    raise WeightSyncError(f"unknown weight-sync backend {backend!r} (gloo | nccl)")
+
+
+def default_backend() -> str:
+    return 'nccl' if torch.cuda.is_available() else 'gloo'
+
+
+def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
+    group.broadcast(tensor, src).wait()
+
+
+# ---------------------------------------------------------------- buckets
+@dataclass
+class Bucket:
+    names: list[str]
+    shapes: list[list[int]]
+    dtypes: list[str]
+    tensors: list[torch.Tensor]
+
+    def layout(self) -> dict:
+        return {'names': self.names, 'shapes': self.shapes, 'dtypes': self.dtypes}
+
+    def flat(self, device) -> torch.Tensor:
+        """The bucket's bytes, tensor after tensor, as one uint8 buffer."""
+        parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in self.tensors]
+        return torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+
+
+def buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> Iterator[Bucket]:
+    """Group ``(name, tensor)`` into buckets of at most ``bucket_mb`` MiB (a larger tensor goes alone)."""
+    limit = max(1, int(bucket_mb * 1024 * 1024))
+    cur, size = Bucket([], [], [], []), 0
+    for name, t in pairs:
+        n = t.numel() * t.element_size()
+        if cur.names and size + n > limit:
+            yield cur
+            cur, size = Bucket([], [], [], []), 0
+        cur.names.append(name)
+        cur.shapes.append(list(t.shape))
+        cur.dtypes.append(dtype_name(t.dtype))
+        cur.tensors.append(t)
+        size += n
+    yield cur  # the last one (maybe empty): it carries ``last``
+
+
+def unflatten(flat: torch.Tensor, layout: dict) -> list[tuple[str, torch.Tensor]]:
+    out, off = [], 0
+    for name, shape, dtype in zip(layout['names'], layout['shapes'], layout['dtypes']):
+        n = nbytes(shape, dtype)
+        out.append((name, flat[off:off + n].view(DTYPES[dtype]).reshape(shape)))
+        off += n
+    return out
+
+
+# ---------------------------------------------------------------- trainer side
+def push_named_tensors(client, pairs: Iterable[tuple[str, torch.Tensor]],
+                       bucket_mb: float = DEFAULT_BUCKET_MB) -> int:
+    """Send every ``(hf_name, tensor)`` to the server behind ``client`` (its communicator initialised); returns
+    the server's new weights version. Each bucket's HTTP call runs in a thread while this thread broadcasts."""
+    group = client.group
+    if group is None:
+        raise WeightSyncError(f'no communicator with the rollout server at {client.base_url}: '
+                              'call client.init_communicator() first')
+    device = torch.device('cuda', torch.cuda.current_device()) if client.backend == 'nccl' else torch.device('cpu')
+    it = buckets(pairs, bucket_mb)
+    bucket = next(it)
+    reply = None
+    while bucket is not None:
+        nxt = next(it, None)  # look ahead: the last bucket is the one with no successor
+        reply = _send_bucket(client, group, bucket, last=nxt is None, device=device)
+        bucket = nxt
+    return int(reply['weights_version'])
+
+
+def _send_bucket(client, group, bucket: Bucket, last: bool, device) -> dict:
+    flat = bucket.flat(device)
+    box: dict = {}
+
+    def post():
+        try:
+            box['reply'] = client.update_weights(bucket.layout(), last=last, nbytes=int(flat.numel()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box['error'] = e
+
+    poster = threading.Thread(target=post, daemon=True, name='rollout-update-weights')
+    poster.start()
+    try:
+        if flat.numel():
+            broadcast(group, flat)
+    except Exception as e:  # the server died or left the group
+        poster.join(timeout=client.read_timeout)
+        cause = box.get('error', e)
+        raise WeightSyncError(f'weight sync to the rollout server at {client.base_url} failed while broadcasting '
+                              f'a bucket of {len(bucket.names)} tensors (first {bucket.names[:1]}): {cause}') from e
+    poster.join()
+    if 'error' in box:
+        raise box['error']
+    return box['reply']
+
+
+def push_weights(models, client, *, parallel=None, bucket_mb: float = DEFAULT_BUCKET_MB) -> int | None:
+    """Push the megatron-core ``models`` (this rank's chunks) to the rollout server. Every rank of the trainer
+    calls this (the TP/PP gathers need them all); ``client`` is used on global rank 0 only and may be None
+    elsewhere. Returns the server's new weights version on rank 0, None on the other ranks."""
+    from ..megatron.convert import iter_hf_weights
+    pairs = iter_hf_weights(models, parallel=parallel)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank != 0:
+        for _ in pairs:  # nothing is yielded here; the iteration drives the gathers
+            pass
+        return None
+    if client is None:
+        raise WeightSyncError('push_weights: global rank 0 needs a RolloutClient')
+    return push_named_tensors(client, pairs, bucket_mb)
+
+
+# ---------------------------------------------------------------- server side
+class WeightReceiver:
+    """The server's end of the group: ``join`` at ``/init_communicator``, ``receive`` per ``/update_weights``."""
+
+    def __init__(self):
+        self.group = None
+        self.backend = None
+        self.store = None
+
+    def join(self, host: str, port: int, world_size: int, rank: int, backend: str, timeout_s: float) -> None:
+        self.close()
+        self.store = torch.distributed.TCPStore(host, port, world_size, False,
+                                                timeout=datetime.timedelta(seconds=timeout_s))
+        self.group = new_group(self.store, rank, world_size, backend, timeout_s)
+        self.backend = backend
+
+    def receive(self, layout: dict, device) -> list[tuple[str, torch.Tensor]]:
+        if self.group is None:
+            raise WeightSyncError('no communicator: call /init_communicator first')
+        total = sum(nbytes(s, d) for s, d in zip(layout['shapes'], layout['dtypes']))
+        flat = torch.empty(total, dtype=torch.uint8, device=device if self.backend == 'nccl' else 'cpu')
+        if total:
+            broadcast(self.group, flat)
+        return unflatten(flat, layout)
+
+    def close(self) -> None:
+        group, self.group, self.store = self.group, None, None
+        if group is not None and hasattr(group, 'shutdown'):
+            try:
+                group.shutdown()
+            except Exception:  # noqa: BLE001 - the peer may be gone already
+                pass
