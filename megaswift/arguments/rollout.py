@@ -15,7 +15,7 @@ class RolloutArguments(ArgumentsBase, ModelArguments, PluginArguments):
     port: int = 8000                      # 0 picks a free port (printed at start-up)
     api_key: str | None = None            # clients then send "Authorization: Bearer KEY" (else 401)
     data_parallel_size: int = 1           # engine replicas; only 1 for now
-    weight_sync_bucket_mb: float = 512    # the trainer's bucket size (reported by /info; the trainer decides)
+    weight_sync_bucket_mb: float = 512    # bucket size of the trainer's pushes (advertised by /info)
     # Limits (megaswift/serving/limits.py), as for `megaswift deploy`
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 64
@@ -30,6 +30,8 @@ class RolloutArguments(ArgumentsBase, ModelArguments, PluginArguments):
         if backend not in ROLLOUT_BACKENDS:
             raise ArgumentError(f"--infer_backend: unknown '{self.infer_backend}' ({', '.join(ROLLOUT_BACKENDS)})")
         self.infer_backend = backend
+        if backend != 'transformers':
+            raise ArgumentError(f'--infer_backend {backend}: not implemented yet for rollout (use transformers)')
         if self.data_parallel_size != 1:
             raise ArgumentError(f'--data_parallel_size {self.data_parallel_size}: only 1 is supported for now')
         if not 0 <= self.port < 65536:

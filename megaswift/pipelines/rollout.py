@@ -10,7 +10,7 @@ from ..serving.app import bind, serve
 def rollout_main(args: RolloutArguments) -> None:
     sock = bind(args.host, args.port)  # a port in use fails before the model loads
     engine = get_rollout_engine(args.infer_backend, args.model, args.torch_dtype)
-    app = create_rollout_app(engine, args.limits(), args.api_key)
+    app = create_rollout_app(engine, args.limits(), args.api_key, args.weight_sync_bucket_mb)
     try:
         # Tests and scripts wait for this exact line to learn the address (also with --port 0).
         serve(app, sock, on_listen=lambda url: print(f'megaswift rollout: serving {args.model} at {url}', flush=True))

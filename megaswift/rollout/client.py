@@ -145,8 +145,25 @@ class RolloutClient:
             except Exception:  # noqa: BLE001
                 pass
 
-    def push_weights(self, models, parallel=None, bucket_mb: float = DEFAULT_BUCKET_MB) -> int:
+    def abandon_communicator(self) -> None:
+        """Drop a group left mid-collective (the server refused a bucket): abort it, tell the server to close."""
+        group, self.group, self._store = self.group, None, None
+        if group is not None and hasattr(group, 'abort'):
+            try:
+                group.abort()
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            self._call('POST', '/close_communicator', {}, retry=False, read_timeout=self.connect_timeout * 2)
+        except RolloutError:
+            pass
+
+    def push_weights(self, models, parallel=None, bucket_mb: float | None = None) -> int:
+        """``weight_sync.push_weights`` from global rank 0 (the other ranks call that function with no client);
+        ``bucket_mb`` None: the server's ``--weight_sync_bucket_mb``."""
         from .weight_sync import push_weights
+        if bucket_mb is None:
+            bucket_mb = float(self.info().get('weight_sync_bucket_mb', DEFAULT_BUCKET_MB))
         return push_weights(models, self, parallel=parallel, bucket_mb=bucket_mb)
 
     def close(self) -> None:

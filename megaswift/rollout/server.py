@@ -1,6 +1,7 @@
 """``megaswift rollout``: the routes a trainer needs, on the shared FastAPI stack (``serving/app.py``).
 
-- ``GET /health`` (no key), ``GET /info``: model, backend, world size (the server's workers), weights version;
+- ``GET /health`` (no key), ``GET /info``: model, backend, world size (the server's workers), weights version,
+  the weight-sync bucket size trainers should use (``--weight_sync_bucket_mb``);
 - ``POST /infer``: a batch of ``{prompt_token_ids | messages, n, temperature, top_p, top_k, max_tokens, seed}``
   -> per completion ``token_ids``, per-token ``logprobs``, ``finish_reason``; every reply carries the
   ``weights_version`` its completions were generated with;
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from ..serving.app import APIError, build_app, read_json, require_api_key
 from ..serving.limits import ServerLimits
 from .engine import SamplingRequest
-from .weight_sync import DTYPES, WeightReceiver, WeightSyncError, nbytes
+from .weight_sync import DEFAULT_BUCKET_MB, DTYPES, WeightReceiver, WeightSyncError, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class UpdateWeightsBody(BaseModel):
 
 
 class RolloutRoutes:
-    def __init__(self, engine, limits: ServerLimits):
-        self.engine, self.limits = engine, limits
+    def __init__(self, engine, limits: ServerLimits, bucket_mb: float = DEFAULT_BUCKET_MB):
+        self.engine, self.limits, self.bucket_mb = engine, limits, bucket_mb
         self.receiver = WeightReceiver()
         self.world_size = 1  # server workers in the weight-sync group (data parallel 1)
         self.router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -89,7 +90,7 @@ class RolloutRoutes:
         e = self.engine
         return {'model': e.model_name, 'backend': e.backend, 'world_size': self.world_size,
                 'weights_version': e.weights_version, 'prefix_cache_resets': e.prefix_cache_resets,
-                'communicator': self.receiver.group is not None}
+                'communicator': self.receiver.group is not None, 'weight_sync_bucket_mb': self.bucket_mb}
 
     async def infer(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, InferBody)
@@ -160,10 +161,12 @@ class RolloutRoutes:
         return {'status': 'ok'}
 
 
-def create_rollout_app(engine, limits: ServerLimits | None = None, api_key: str | None = None) -> FastAPI:
+def create_rollout_app(engine, limits: ServerLimits | None = None, api_key: str | None = None,
+                       bucket_mb: float = DEFAULT_BUCKET_MB) -> FastAPI:
+    """The rollout routes on the shared app; ``bucket_mb`` is the bucket size advertised to trainers by /info."""
     limits = limits or ServerLimits()
     app = build_app(limits, api_key, title='megaswift rollout')
-    routes = RolloutRoutes(engine, limits)
+    routes = RolloutRoutes(engine, limits, bucket_mb)
     app.include_router(routes.router)
     app.state.rollout = routes
     return app

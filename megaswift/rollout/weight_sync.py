@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -146,8 +147,17 @@ def _send_bucket(client, group, bucket: Bucket, last: bool, device) -> dict:
     poster = threading.Thread(target=post, daemon=True, name='rollout-update-weights')
     poster.start()
     try:
-        if flat.numel():
-            broadcast(group, flat)
+        work = group.broadcast(flat, 0) if flat.numel() else None
+        while work is not None and not work.is_completed():
+            if not poster.is_alive() and 'error' in box:
+                # the server refused the bucket and will never join this broadcast: do not wait for the timeout
+                client.abandon_communicator()
+                raise box['error']
+            time.sleep(0.002)
+        if work is not None:
+            work.wait()
+    except RolloutError:
+        raise
     except Exception as e:  # the server died or left the group
         poster.join(timeout=client.read_timeout)
         cause = box.get('error', e)

@@ -96,7 +96,7 @@ def _max_diff(a, b) -> float:
 @pytest.fixture(scope='module')
 def synced(models, servers, tmp_path_factory):
     """One server on model A; a TP=1 trainer checks it, then pushes B; then TP=2 pushes A and PP=2 pushes B."""
-    _, url = servers(models['a'])
+    _, url = servers(models['a'], '--weight_sync_bucket_mb', '4')
     tmp = tmp_path_factory.mktemp('rollout_trainer')
     setup = {'url': url, 'model_a': models['a'], 'model_b': models['b'], 'prompt': PROMPT, 'max_tokens': 16,
              'bucket_mb': 4}
@@ -114,6 +114,7 @@ def test_logprobs_match_megatron_and_are_not_shifted(synced):
 
 def test_push_advances_version_and_matches_trainer(synced):
     r = synced['tp1']
+    assert r['info_before']['weight_sync_bucket_mb'] == 4  # what the TP=1 push used (the embedding alone is 24 MiB)
     v0 = r['info_before']['weights_version']
     assert r['before']['weights_version'] == v0
     assert r['pushed_version'] == v0 + 1 == r['after']['weights_version'] == r['info_after']['weights_version']
@@ -232,3 +233,32 @@ def test_kill_during_update_weights_then_restart(models, servers):
         logp = ref(ids).logits.float().log_softmax(-1)[0]
     expect = [float(logp[len(PROMPT) - 1 + i, t]) for i, t in enumerate(out['completions'][0]['token_ids'])]
     assert _max_diff(out['completions'][0]['logprobs'], expect) <= 1e-4
+
+
+def test_refused_bucket_fails_fast_instead_of_waiting_for_the_broadcast(models, servers):
+    """A bucket the server refuses before joining its broadcast (here 413: its layout is over --max_request_bytes)
+    fails the push at once; the trainer does not sit in the broadcast until the group's timeout."""
+    from safetensors.torch import load_file
+
+    from megaswift.rollout import RolloutClient, RolloutError, push_named_tensors
+    proc, url = servers(models['a'], '--max_request_bytes', '400')
+    client = RolloutClient(url, connect_timeout=2, read_timeout=120)
+    client.init_communicator(timeout_s=120)
+    weights = sorted(load_file(str(Path(models['b']) / 'model.safetensors')).items())
+    t0 = time.monotonic()
+    with pytest.raises(RolloutError, match='413') as info:
+        push_named_tensors(client, weights, bucket_mb=1)  # bucket 1: the embedding alone (a short layout)
+    assert time.monotonic() - t0 < 20
+    assert url in str(info.value) and client.group is None
+    assert client.info()['weights_version'] == 0 and client.info()['communicator'] is False
+    client.init_communicator(timeout_s=30)  # the server takes a new group afterwards
+    assert client.info()['communicator'] is True
+    client.close_communicator()
+
+
+def test_cli_refuses_what_is_not_implemented(run_cli):
+    for flags, message in ((['--data_parallel_size', '2'], 'only 1 is supported'),
+                           (['--infer_backend', 'vllm'], 'not implemented yet'),
+                           (['--weight_sync_bucket_mb', '0'], 'must be > 0')):
+        proc = run_cli(['rollout', '--model', 'x', *flags], check=False, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr[-2000:])

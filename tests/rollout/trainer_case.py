@@ -62,7 +62,7 @@ def world1(setup, client) -> dict:
     out['mcore_b_on_a_completion'], _ = mcore_token_logprobs(models_b, ids, len(prompt))
     client.init_communicator()
     t0 = time.perf_counter()
-    out['pushed_version'] = client.push_weights(models_b, ctx, bucket_mb=setup['bucket_mb'])
+    out['pushed_version'] = client.push_weights(models_b, ctx)  # the server's --weight_sync_bucket_mb
     out['push_s'] = time.perf_counter() - t0
     after = out['after'] = sample(client, prompt, max_tokens)
     out['mcore_b'], _ = mcore_token_logprobs(models_b, prompt + after['token_ids'], len(prompt))
