@@ -9,6 +9,7 @@ chose it, so a trainer trains on it.
 """
 from __future__ import annotations
 
+import random
 import threading
 from dataclasses import dataclass
 
@@ -35,13 +36,15 @@ class TransformersRolloutEngine:
 
     backend = 'transformers'
 
-    def __init__(self, model: str, torch_dtype: str | None = 'auto', device: str | None = None):
+    def __init__(self, model: str, torch_dtype: str | None = 'auto', device: str | None = None,
+                 max_batch_rows: int = 64):
         from ..infer_engine.transformers_engine import TransformersEngine
         engine = TransformersEngine(model, torch_dtype, device)
         self.model, self.tokenizer, self.model_name = engine.model, engine.tokenizer, model
         self.device = engine.device
         self.stop_token_ids, self.pad_token_id = engine.stop_token_ids, engine.pad_token_id
         self.max_length = engine.max_length
+        self.max_batch_rows = max_batch_rows  # sequences (prompts x n) decoded together
         self.lock = threading.Lock()
         self.weights_version = 0
         self.prefix_cache_resets = 0
@@ -54,38 +57,70 @@ class TransformersRolloutEngine:
         return self.tokenizer(text, add_special_tokens=False)['input_ids']
 
     # ---------------------------------------------------------------- infer
-    def generate(self, request: SamplingRequest) -> list[dict]:
-        """``n`` completions of one prompt: ``{token_ids, logprobs, finish_reason}`` each."""
-        prompt = list(request.prompt_token_ids)
-        if not prompt:
+    def _max_new(self, request: SamplingRequest) -> int:
+        if not request.prompt_token_ids:
             raise ValueError('empty prompt')
         max_new = request.max_tokens
         if self.max_length:
-            max_new = min(max_new, self.max_length - len(prompt))
+            max_new = min(max_new, self.max_length - len(request.prompt_token_ids))
         if max_new < 1:
-            raise ValueError(f'a prompt of {len(prompt)} tokens leaves no room to generate '
+            raise ValueError(f'a prompt of {len(request.prompt_token_ids)} tokens leaves no room to generate '
                              f'(model max length {self.max_length})')
-        cfg = RequestConfig(max_tokens=max_new, temperature=request.temperature, top_p=request.top_p,
-                            top_k=request.top_k, n=request.n, seed=request.seed, logprobs=True)
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        mask = torch.ones_like(ids)
-        gens = row_generators([prompt], cfg.n, cfg.seed) if cfg.seed is not None else None
+        return max_new
+
+    def generate(self, requests: list[SamplingRequest], max_new: int) -> list[list[dict]]:
+        """The ``n`` completions (``{token_ids, logprobs, finish_reason}``) of each request, decoded together.
+        The requests share ``n``, temperature, top-p, top-k and ``max_new``; prompts are left-padded. Each
+        completion draws from its own RNG, seeded from its request's seed and prompt (``row_generators``), so a
+        request's samples do not depend on the requests batched with it."""
+        first = requests[0]
+        cfg = RequestConfig(max_tokens=max_new, temperature=first.temperature, top_p=first.top_p,
+                            top_k=first.top_k, n=first.n, logprobs=True)
+        prompts = [list(r.prompt_token_ids) for r in requests]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        gens = []
+        for i, (r, p) in enumerate(zip(requests, prompts)):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+            seed = r.seed if r.seed is not None else random.getrandbits(62)
+            gens += row_generators([p], cfg.n, seed)
         state = None
-        for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, gens):
+        for state in decode(self.model, ids.to(self.device), mask.to(self.device), cfg, max_new,
+                            self.stop_token_ids, self.pad_token_id, gens):
             pass
+        tokens, logprobs = state.tokens.tolist(), state.logprobs.tolist()
         out = []
-        for row in range(cfg.n):
-            toks = state.tokens[row].tolist()
-            lps = state.logprobs[row].tolist()
-            end = next((i + 1 for i, t in enumerate(toks) if t in self.stop_token_ids), len(toks))
-            out.append({'token_ids': toks[:end], 'logprobs': lps[:end],
-                        'finish_reason': 'stop' if bool(state.hit_stop[row]) else 'length'})
+        for i in range(len(requests)):
+            completions = []
+            for row in range(i * cfg.n, (i + 1) * cfg.n):
+                toks = tokens[row]
+                end = next((k + 1 for k, t in enumerate(toks) if t in self.stop_token_ids), len(toks))
+                completions.append({'token_ids': toks[:end], 'logprobs': logprobs[row][:end],
+                                    'finish_reason': 'stop' if bool(state.hit_stop[row]) else 'length'})
+            out.append(completions)
         return out
 
     def infer(self, requests: list[SamplingRequest]) -> tuple[list[list[dict]], int]:
-        """Completions of every request and the weights version they were all generated with."""
+        """Completions of every request (in order) and the weights version they were all generated with.
+        Requests with the same sampling parameters are decoded together, at most ``max_batch_rows`` sequences at
+        a time; a request whose ``max_tokens`` the context length cuts goes alone."""
+        limits = [self._max_new(r) for r in requests]  # every request is checked before any is decoded
+        groups: dict[tuple, list[int]] = {}
+        for i, (r, max_new) in enumerate(zip(requests, limits)):
+            alone = i if max_new < r.max_tokens else None
+            groups.setdefault((r.n, r.temperature, r.top_p, r.top_k, max_new, alone), []).append(i)
+        results: list = [None] * len(requests)
         with self.lock:
-            return [self.generate(r) for r in requests], self.weights_version
+            for key, idx in groups.items():
+                idx.sort(key=lambda i: len(requests[i].prompt_token_ids))  # little padding per batch
+                per_batch = max(1, self.max_batch_rows // key[0])
+                for start in range(0, len(idx), per_batch):
+                    chunk = idx[start:start + per_batch]
+                    for i, completions in zip(chunk, self.generate([requests[i] for i in chunk], key[4])):
+                        results[i] = completions
+            return results, self.weights_version
 
     # ---------------------------------------------------------------- weights
     def check_layout(self, layout: dict) -> None:

@@ -147,6 +147,11 @@ def test_infer_batch_n_seed_and_errors(synced):
     b = client.infer(reqs, temperature=1.0, max_tokens=6)
     assert a['results'] == b['results']  # seeded: the same completions
     assert [len(r['completions']) for r in a['results']] == [3, 1, 2]
+    # the first two share a batch (left-padded): each equals its request served alone
+    for req, batched in zip(reqs, a['results']):
+        alone = client.infer([req], temperature=1.0, max_tokens=6)['results'][0]
+        for c, d in zip(batched['completions'], alone['completions']):
+            assert c['token_ids'] == d['token_ids'] and _max_diff(c['logprobs'], d['logprobs']) <= 1e-4
     assert len({tuple(c['token_ids']) for c in a['results'][0]['completions']}) > 1
     for r in a['results']:
         for c in r['completions']:
