@@ -172,17 +172,32 @@ def _send_bucket(client, group, bucket: Bucket, last: bool, device) -> dict:
 def push_weights(models, client, *, parallel=None, bucket_mb: float = DEFAULT_BUCKET_MB) -> int | None:
     """Push the megatron-core ``models`` (this rank's chunks) to the rollout server. Every rank of the trainer
     calls this (the TP/PP gathers need them all); ``client`` is used on global rank 0 only and may be None
-    elsewhere. Returns the server's new weights version on rank 0, None on the other ranks."""
+    elsewhere. Returns the server's new weights version on rank 0, None on the other ranks.
+
+    A failure on rank 0 (the server died or refused a bucket) is raised on every rank as ``WeightSyncError``,
+    after the remaining gathers ran (so no rank is left waiting in one)."""
     from ..megatron.convert import iter_hf_weights
+    dist = torch.distributed
     pairs = iter_hf_weights(models, parallel=parallel)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    if rank != 0:
-        for _ in pairs:  # nothing is yielded here; the iteration drives the gathers
-            pass
-        return None
-    if client is None:
-        raise WeightSyncError('push_weights: global rank 0 needs a RolloutClient')
-    return push_named_tensors(client, pairs, bucket_mb)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error, version = None, None
+    if rank == 0:
+        try:
+            if client is None:
+                raise WeightSyncError('push_weights: global rank 0 needs a RolloutClient')
+            version = push_named_tensors(client, pairs, bucket_mb)
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
+    for _ in pairs:  # rank 0 after a failure, the other ranks always: drive the remaining gathers
+        pass
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if error is None else f'{type(error).__name__}: {error}']
+        dist.broadcast_object_list(box, src=0)
+        if rank != 0 and box[0] is not None:
+            raise WeightSyncError(f'weight sync failed on rank 0: {box[0]}')
+    if error is not None:
+        raise error
+    return version
 
 
 # ---------------------------------------------------------------- server side

@@ -128,6 +128,11 @@ def test_push_advances_version_and_matches_trainer(synced):
 
 def test_push_from_tp2_and_pp2_equals_tp1(synced):
     tp1, lay = synced['tp1'], synced['layouts']
+    # first a push the server refused: both ranks raised (none left in a gather), nothing changed on the server
+    assert 'no communicator' in lay['refused_rank0'] and synced['url'] in lay['refused_rank0']
+    assert lay['refused_rank1'].startswith('WeightSyncError: weight sync failed on rank 0') and \
+        'no communicator' in lay['refused_rank1']
+    assert lay['info_after_refused']['weights_version'] == tp1['pushed_version']
     # TP=2 pushed A back: the server serves what it loaded from A's HF checkpoint
     assert lay['tp2']['pushed_version'] == tp1['pushed_version'] + 1 == lay['tp2']['weights_version']
     assert lay['tp2']['token_ids'] == tp1['before']['token_ids']

@@ -5,7 +5,8 @@
 
 SETUP: {url, model_a, model_b, prompt, max_tokens, bucket_mb}. World size 1 (TP=1): the server's log-probs
 against megatron-core's on model A (aligned and shifted by one), then a push of model B and the same check.
-World size 2: a push of A from TP=2, then a push of B from PP=2; after each, the server's seeded sample.
+World size 2: a push the server refuses (every rank must raise), a push of A from TP=2, then a push of B from
+PP=2; after each, the server's seeded sample.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import requests
 import torch
 
 
@@ -82,6 +84,17 @@ def world2(setup, client) -> dict:
         ctx = initialize_parallel(cfg)
         models = load(model, ctx)
         from megaswift.rollout import push_weights
+        if name == 'tp2':  # a push the server refuses (its end of the group closed): every rank gets the error
+            if rank == 0:
+                requests.post(f"{setup['url']}/close_communicator", json={}, timeout=30).raise_for_status()
+            try:
+                push_weights(models, client if rank == 0 else None, parallel=ctx, bucket_mb=setup['bucket_mb'])
+                out[f'refused_rank{rank}'] = None
+            except Exception as e:  # noqa: BLE001 - reported
+                out[f'refused_rank{rank}'] = f'{type(e).__name__}: {e}'
+            if rank == 0:
+                out['info_after_refused'] = client.info()
+                client.init_communicator()
         version = push_weights(models, client if rank == 0 else None, parallel=ctx, bucket_mb=setup['bucket_mb'])
         if rank == 0:
             out[name] = {'pushed_version': version, **sample(client, setup['prompt'], setup['max_tokens'])}
@@ -103,8 +116,10 @@ def main():
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     client = RolloutClient(setup['url'], read_timeout=120) if rank == 0 else None
     out = world1(setup, client) if world == 1 else world2(setup, client)
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, out)
     if rank == 0:
-        Path(out_path).write_text(json.dumps({f'world{world}': out}))
+        Path(out_path).write_text(json.dumps({f'world{world}': {k: v for o in gathered for k, v in o.items()}}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
