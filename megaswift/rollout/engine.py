@@ -41,6 +41,7 @@ class TransformersRolloutEngine:
         from ..infer_engine.transformers_engine import TransformersEngine
         engine = TransformersEngine(model, torch_dtype, device)
         self.model, self.tokenizer, self.model_name = engine.model, engine.tokenizer, model
+        self.infer_engine = engine  # the same model behind the OpenAI routes (generating under ``lock``)
         self.device = engine.device
         self.stop_token_ids, self.pad_token_id = engine.stop_token_ids, engine.pad_token_id
         self.max_length = engine.max_length

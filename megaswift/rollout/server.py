@@ -162,11 +162,18 @@ class RolloutRoutes:
 
 
 def create_rollout_app(engine, limits: ServerLimits | None = None, api_key: str | None = None,
-                       bucket_mb: float = DEFAULT_BUCKET_MB) -> FastAPI:
-    """The rollout routes on the shared app; ``bucket_mb`` is the bucket size advertised to trainers by /info."""
+                       bucket_mb: float = DEFAULT_BUCKET_MB, agent_template: str | None = 'hermes') -> FastAPI:
+    """The rollout routes on the shared app; ``bucket_mb`` is the bucket size advertised to trainers by /info.
+    An engine with an ``infer_engine`` (the transformers backend) also serves the OpenAI routes of ``megaswift
+    deploy`` (``/v1/chat/completions``, ``/v1/models``) on the same weights, generating under the lock weight
+    updates take, so an agent or evaluator can talk to the policy being trained."""
     limits = limits or ServerLimits()
     app = build_app(limits, api_key, title='megaswift rollout')
     routes = RolloutRoutes(engine, limits, bucket_mb)
     app.include_router(routes.router)
     app.state.rollout = routes
+    if getattr(engine, 'infer_engine', None) is not None:
+        from ..serving.openai_routes import add_openai_routes
+        add_openai_routes(app, engine.infer_engine, engine.model_name, agent_template=agent_template,
+                          lock=engine.lock)
     return app

@@ -21,9 +21,10 @@ _END = object()
 
 class DynamicBatcher:
 
-    def __init__(self, engine: InferEngine, max_batch_size: int = 32, wait_ms: float = 5.0):
+    def __init__(self, engine: InferEngine, max_batch_size: int = 32, wait_ms: float = 5.0, lock=None):
         self.engine, self.max_batch_size, self.wait = engine, max_batch_size, wait_ms / 1000
-        self.lock = threading.Lock()  # held while the engine runs (batches and streams)
+        # held while the engine runs (batches and streams); a rollout server passes the lock its weight updates take
+        self.lock = lock if lock is not None else threading.Lock()
         self.queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._work, daemon=True, name='megaswift-batcher').start()
 

@@ -143,14 +143,21 @@ class OpenAIRoutes:
                 'logprobs': {'content': logprobs} if logprobs is not None else None}
 
 
+def add_openai_routes(app: FastAPI, engine: InferEngine, model_name: str | None = None, max_batch_size: int = 32,
+                      agent_template: str | None = 'hermes', lock=None) -> OpenAIRoutes:
+    """The OpenAI routes over ``engine`` on ``app`` (``lock``: held while the engine generates; default its own)."""
+    routes = OpenAIRoutes(DynamicBatcher(engine, max_batch_size, lock=lock), model_name or engine.model_name,
+                          get_agent_template(agent_template) if agent_template else None)
+    app.include_router(routes.router)
+    app.state.openai_routes = routes
+    return routes
+
+
 def create_openai_app(engine: InferEngine, model_name: str | None = None, limits: ServerLimits | None = None,
                       api_key: str | None = None, max_batch_size: int = 32,
                       agent_template: str | None = 'hermes') -> FastAPI:
     """The ``megaswift deploy`` app: the shared stack (``build_app``) with the OpenAI routes over ``engine``."""
     app = build_app(limits, api_key, title='megaswift deploy')
-    routes = OpenAIRoutes(DynamicBatcher(engine, max_batch_size), model_name or engine.model_name,
-                          get_agent_template(agent_template) if agent_template else None)
-    app.include_router(routes.router)
-    app.state.openai_routes = routes
+    add_openai_routes(app, engine, model_name, max_batch_size, agent_template)
     return app
 

@@ -169,6 +169,23 @@ def test_infer_batch_n_seed_and_errors(synced):
         client.update_weights({'names': [], 'shapes': [], 'dtypes': []}, last=True, nbytes=0)
 
 
+def test_openai_routes_serve_the_synced_weights(synced):
+    """The rollout server also answers OpenAI chat requests (the official client), on the weights the trainers
+    pushed and generating under the lock the pushes take: a greedy chat answer and its log-probs equal /infer's
+    greedy completion of the same conversation."""
+    openai = pytest.importorskip('openai')
+    from megaswift.rollout import RolloutClient
+    client = openai.OpenAI(base_url=synced['url'] + '/v1', api_key='unused', max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    messages = [{'role': 'user', 'content': 'hi'}]
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0, logprobs=True)
+    chat = [t.logprob for t in reply.choices[0].logprobs.content]
+    infer = RolloutClient(synced['url'], read_timeout=60).infer([{'messages': messages}], temperature=0.0,
+                                                                 max_tokens=6)['results'][0]['completions'][0]
+    assert len(chat) == len(infer['logprobs']) > 0, (reply, infer)
+    assert _max_diff(chat, infer['logprobs']) <= 1e-4, (chat, infer)
+
+
 def _raises_within(fn, timeout: float):
     from megaswift.rollout import RolloutError
     t0 = time.monotonic()
