@@ -254,3 +254,22 @@ def test_unreachable_server_fails_after_retries():
     with pytest.raises(ConnectionError, match='unreachable after 2 attempts'):
         ClientEngine(model='m', base_url=f'http://127.0.0.1:{port}/v1', max_retries=1,
                      retry_backoff=0.01).infer([_req('x')], RequestConfig(max_tokens=2))
+
+
+def test_request_timeout_answers_503_and_the_server_recovers(deploy, tiny_llama_dir, raw_http):
+    """--request_timeout over HTTP: a generation that outlives it gets a 503 JSON error (code 'timeout') at about
+    the timeout, not when the engine finishes; once the engine is free the same server answers again."""
+    import time
+    url = deploy(tiny_llama_dir, '--request_timeout', '0.5', '--max_tokens_cap', '4000')
+    start = time.monotonic()
+    status, reply = raw_http('POST', url + '/chat/completions', {'messages': HELLO, 'max_tokens': 4000})
+    waited = time.monotonic() - start
+    assert status == 503 and reply['error']['code'] == 'timeout', reply
+    assert 'request_timeout' in reply['error']['message'] and waited < 30, (reply, waited)
+    for _ in range(120):  # the abandoned generation still holds the engine for a while; then it serves again
+        status, reply = raw_http('POST', url + '/chat/completions', {'messages': HELLO, 'max_tokens': 2})
+        if status == 200:
+            break
+        assert status == 503, reply
+        time.sleep(0.5)
+    assert status == 200 and len(reply['choices']) == 1, reply
