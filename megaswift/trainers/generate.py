@@ -190,22 +190,17 @@ def _sample(output, temperature: float, generators: list) -> torch.Tensor:
     argmax of ``logits / T + g`` with ``g`` standard Gumbel noise. Row k's noise over the whole (padded) vocabulary
     comes from ``generators[k]``, so every tensor-parallel rank adds the same noise to its shard and the draw does
     not depend on the layout, only on the generator's seed."""
-    from ..trainers.loss import vocab_parallel_argmax
+    from .loss import _tp_info, vocab_parallel_argmax
     logits = output.vocab_parallel_logits() / temperature          # [n, V/tp], padded entries hugely negative
     shard = logits.size(-1)
-    rank = output.tp_group.rank() if _tp(output.tp_group) > 1 else 0
-    noise = torch.stack([_gumbel(shard * _tp(output.tp_group), g)[rank * shard:(rank + 1) * shard]
-                         for g in generators]).to(logits.device)
-    return vocab_parallel_argmax(logits + noise, None, output.tp_group)
+    _, tp, rank = _tp_info(output.tp_group)
+    noise = torch.stack([_gumbel(shard * tp, g)[rank * shard:(rank + 1) * shard] for g in generators])
+    return vocab_parallel_argmax(logits + noise.to(logits.device), None, output.tp_group)
 
 
 def _gumbel(n: int, generator: torch.Generator) -> torch.Tensor:
     u = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-20, 1.0 - 1e-16)
     return (-torch.log(-torch.log(u))).float()
-
-
-def _tp(group) -> int:
-    return group.size() if group is not None and torch.distributed.is_initialized() else 1
 
 
 def sequence_generators(seeds: list[int]) -> list[torch.Generator]:

@@ -50,12 +50,10 @@ class Rollout:
                                 f'{collator.sequences}')
         models = trainer.models if source == 'policy' else trainer.frozen[source]
         model = models[0]
-        samples = [collator.sample_indices(mb) for mb in self.micro_batches]
-        prompts = []
-        for i in (i for mb in samples for i in mb):
-            arrays = collator.encoded.arrays(i)
-            prompts.append(np.asarray(arrays['input_ids']).reshape(-1)[:prompt_length(arrays)].tolist())
-        seeds = [sample_seed(trainer.args.seed, self.step, i) for mb in samples for i in mb]
+        gathered = [collator.gather(mb) for mb in self.micro_batches]  # per micro-batch: its sequences, columns
+        prompts = [seq['input_ids'][:prompt_length(seq)].tolist() for seqs, _ in gathered for seq in seqs]
+        seeds = [sample_seed(trainer.args.seed, self.step, i) for mb in self.micro_batches
+                 for i in collator.sample_indices(mb)]
         limits = [int(getattr(trainer.hf_config, 'max_position_embeddings', 0) or 0), int(collator.max_length or 0)]
         spec = GenerationSpec(max_new_tokens=int(max_new_tokens), stop_ids=list(trainer.data.stop_token_ids),
                               pad_to_multiple_of=max(1, int(collator.pad_to_multiple_of)),
@@ -70,16 +68,15 @@ class Rollout:
         with generation_mode(models):
             answers, ended = generate(forward, prompts, spec, seeds)
         batches, k = [], 0
-        for mb in self.micro_batches:
-            _, columns = collator.gather(mb)
-            seqs, generated = [], 0
-            for _ in collator.sample_indices(mb):
+        for seqs, columns in gathered:
+            completed, generated = [], 0
+            for _ in seqs:
                 answer = answers[k] + ([ended[k]] if ended[k] is not None else [])
-                seqs.append({'input_ids': np.asarray(prompts[k] + answer, dtype=np.int64),
-                             'labels': np.asarray([IGNORE_INDEX] * len(prompts[k]) + answer, dtype=np.int64)})
+                completed.append({'input_ids': np.asarray(prompts[k] + answer, dtype=np.int64),
+                                  'labels': np.asarray([IGNORE_INDEX] * len(prompts[k]) + answer, dtype=np.int64)})
                 generated += len(answer)
                 k += 1
-            batch = collator.collate(seqs, columns)
+            batch = collator.collate(completed, columns)
             batch['generated_tokens'] = generated
             batches.append(to_device(batch, trainer.device))
         return batches
