@@ -60,18 +60,34 @@ def _model_sharded_state_dict(ddp_models) -> dict:
 
 
 def rng_state() -> dict:
+    """Every random generator a training step draws from (torch CPU/CUDA, NumPy, Python, megatron-core's tracker),
+    as tensors, numbers and tuples only: ``torch.load(..., weights_only=True)`` reads it back. A tracker state that is
+    a ``torch.Generator`` (the CPU compatibility layer's) is stored as its state tensor."""
     from megatron.core import tensor_parallel
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate(),
-            'tracker': tensor_parallel.get_cuda_rng_tracker().get_states(),
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tracker = {name: state.get_state() if isinstance(state, torch.Generator) else state.clone()
+               for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    return {'torch': torch.get_rng_state(), 'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached),
+            'python': random.getstate(), 'tracker': tracker,
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back what ``rng_state`` returned (a tracker Generator gets its state set in place)."""
     from megatron.core import tensor_parallel
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state['python'])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state['tracker'])
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    states = tracker.get_states()
+    for name, saved in state['tracker'].items():
+        if isinstance(states.get(name), torch.Generator):
+            states[name].set_state(saved)
+        else:
+            states[name] = saved
+    tracker.set_states(states)
     if state.get('cuda') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
@@ -329,7 +345,12 @@ def load_checkpoint(parts: CheckpointParts, path: Path) -> dict:
         logger.warning('%s has no optimizer state: the optimizer starts fresh', path)
     rng_file = path / 'rng' / f'rank_{rank():05d}.pt'
     if state.get('layout') == parts.layout and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            saved = torch.load(rng_file, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a file of a version that pickled objects
+            raise CheckpointError(f"cannot read the RNG states '{rng_file}' as tensors ({type(e).__name__}); it may "
+                                  f'come from an older megaswift: delete the rng/ folder to resume without them') from None
+        set_rng_state(saved)
     else:
         logger.warning('the checkpoint was saved at layout %s (now %s): RNG states are not restored',
                        state.get('layout'), parts.layout)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,29 +118,12 @@ def stop_token_ids(tokenizer, encoder=None, hf_config=None, model_dir: Optional[
 @contextlib.contextmanager
 def preserved_rng_state():
     """Every generator the training step may draw from is put back as it was (bit-exact resume)."""
-    from megatron.core import tensor_parallel
-    py_state, np_state = random.getstate(), np.random.get_state()
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    tracked = {}
-    for name, state in tracker.get_states().items():
-        tracked[name] = state.get_state() if isinstance(state, torch.Generator) else state.clone()
+    from .checkpoint import rng_state, set_rng_state
+    saved = rng_state()
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state)
-        states = tracker.get_states()
-        for name, saved in tracked.items():
-            if isinstance(states.get(name), torch.Generator):
-                states[name].set_state(saved)
-            else:
-                states[name] = saved
-        tracker.set_states(states)
+        set_rng_state(saved)
 
 
 @contextlib.contextmanager
