@@ -15,5 +15,4 @@ def rollout_main(args: RolloutArguments) -> None:
         # Tests and scripts wait for this exact line to learn the address (also with --port 0).
         serve(app, sock, on_listen=lambda url: print(f'megaswift rollout: serving {args.model} at {url}', flush=True))
     finally:
-        app.state.rollout.receiver.close()
         engine.close()

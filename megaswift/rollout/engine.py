@@ -17,7 +17,7 @@ import torch
 
 from ..infer_engine.decoding import decode, row_generators
 from ..infer_engine.protocol import RequestConfig
-from .weight_sync import WeightSyncError
+from .weight_sync import WeightReceiver, WeightSyncError
 
 
 @dataclass
@@ -32,9 +32,15 @@ class SamplingRequest:
 
 
 class TransformersRolloutEngine:
-    """One HF model; ``lock`` keeps generation and weight copies apart."""
+    """One HF model; ``lock`` keeps generation and weight copies apart.
+
+    The weight-sync interface every rollout engine has (the server calls nothing else):
+    ``world_size`` (its ranks in the weight-sync group), ``join_communicator(host, port, world_size, rank, backend,
+    timeout_s)`` (its ranks start at ``rank``), ``update_weights(layout, last) -> version``,
+    ``close_communicator()``, ``has_communicator``, ``weights_version``, ``reset_prefix_cache()``."""
 
     backend = 'transformers'
+    world_size = 1
 
     def __init__(self, model: str, torch_dtype: str | None = 'auto', device: str | None = None,
                  max_batch_rows: int = 64):
@@ -51,6 +57,7 @@ class TransformersRolloutEngine:
         self.prefix_cache_resets = 0
         # HF names -> tensors (tied weights appear under each of their names; one copy updates both)
         self._params = dict(self.model.state_dict(keep_vars=True))
+        self.receiver = WeightReceiver()
 
     # ---------------------------------------------------------------- prompts
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -124,6 +131,24 @@ class TransformersRolloutEngine:
             return results, self.weights_version
 
     # ---------------------------------------------------------------- weights
+    @property
+    def has_communicator(self) -> bool:
+        return self.receiver.group is not None
+
+    def join_communicator(self, host: str, port: int, world_size: int, rank: int, backend: str,
+                          timeout_s: float) -> None:
+        self.receiver.join(host, port, world_size, rank, backend, timeout_s)
+
+    def close_communicator(self) -> None:
+        self.receiver.close()
+
+    def update_weights(self, layout: dict, last: bool) -> int:
+        """Receive one bucket (always drained from the broadcast first, so the trainer is never left waiting),
+        check it against the model, copy it in place."""
+        named = self.receiver.receive(layout, self.device)
+        self.check_layout(layout)
+        return self.load_weights(named, last)
+
     def check_layout(self, layout: dict) -> None:
         """Names and shapes the model has; raised before any tensor is copied."""
         for name, shape in zip(layout['names'], layout['shapes']):
@@ -155,7 +180,7 @@ class TransformersRolloutEngine:
         self.prefix_cache_resets += 1
 
     def close(self) -> None:
-        pass
+        self.receiver.close()
 
 
 def get_rollout_engine(backend: str, model: str, torch_dtype: str | None = 'auto', **kwargs):

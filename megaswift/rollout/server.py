@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from ..serving.app import APIError, build_app, read_json, require_api_key
 from ..serving.limits import ServerLimits
 from .engine import SamplingRequest
-from .weight_sync import DEFAULT_BUCKET_MB, DTYPES, WeightReceiver, WeightSyncError, nbytes
+from .weight_sync import DEFAULT_BUCKET_MB, DTYPES, WeightSyncError, nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ class UpdateWeightsBody(BaseModel):
 class RolloutRoutes:
     def __init__(self, engine, limits: ServerLimits, bucket_mb: float = DEFAULT_BUCKET_MB):
         self.engine, self.limits, self.bucket_mb = engine, limits, bucket_mb
-        self.receiver = WeightReceiver()
-        self.world_size = 1  # server workers in the weight-sync group (data parallel 1)
         self.router = APIRouter(dependencies=[Depends(require_api_key)])
         for path, fn, method in (('/info', self.info, 'GET'), ('/infer', self.infer, 'POST'),
                                  ('/init_communicator', self.init_communicator, 'POST'),
@@ -88,9 +86,9 @@ class RolloutRoutes:
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
-        return {'model': e.model_name, 'backend': e.backend, 'world_size': self.world_size,
+        return {'model': e.model_name, 'backend': e.backend, 'world_size': e.world_size,
                 'weights_version': e.weights_version, 'prefix_cache_resets': e.prefix_cache_resets,
-                'communicator': self.receiver.group is not None, 'weight_sync_bucket_mb': self.bucket_mb}
+                'communicator': e.has_communicator, 'weight_sync_bucket_mb': self.bucket_mb}
 
     async def infer(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, InferBody)
@@ -116,18 +114,19 @@ class RolloutRoutes:
 
     async def init_communicator(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, InitCommunicatorBody)
-        if body.world_size != 1 + self.world_size:
-            raise APIError(400, f'world_size {body.world_size}: this server has {self.world_size} worker(s), so the '
-                                f'group has {1 + self.world_size} ranks (trainer rank 0 + workers)', 'world_size')
+        workers = self.engine.world_size
+        if body.world_size != 1 + workers:
+            raise APIError(400, f'world_size {body.world_size}: this server has {workers} worker(s), so the '
+                                f'group has {1 + workers} ranks (trainer rank 0 + workers)', 'world_size')
         if body.backend not in ('gloo', 'nccl'):
             raise APIError(400, f"backend {body.backend!r}: gloo or nccl", 'backend')
         try:
-            await asyncio.to_thread(self.receiver.join, body.host, body.port, body.world_size, 1, body.backend,
-                                    body.timeout_s)
+            await asyncio.to_thread(self.engine.join_communicator, body.host, body.port, body.world_size, 1,
+                                    body.backend, body.timeout_s)
         except Exception as e:  # noqa: BLE001
             raise APIError(500, f'could not join the weight-sync group at {body.host}:{body.port}: '
                                 f'{type(e).__name__}: {e}', code='communicator_error') from None
-        return {'status': 'ok', 'rank': 1, 'world_size': body.world_size}
+        return {'status': 'ok', 'ranks': list(range(1, body.world_size)), 'world_size': body.world_size}
 
     async def update_weights(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, UpdateWeightsBody)
@@ -135,16 +134,10 @@ class RolloutRoutes:
         expected = sum(nbytes(s, d) for s, d in zip(body.shapes, body.dtypes))
         if body.nbytes is not None and body.nbytes != expected:
             raise APIError(400, f'nbytes {body.nbytes} does not match the layout ({expected} bytes)', 'nbytes')
-        if self.receiver.group is None:
+        if not self.engine.has_communicator:
             raise APIError(400, 'no communicator: call /init_communicator first', code='no_communicator')
-
-        def receive_and_load():
-            named = self.receiver.receive(layout, self.engine.device)  # always drain the broadcast first
-            self.engine.check_layout(layout)
-            return self.engine.load_weights(named, body.last)
-
         try:
-            version = await asyncio.to_thread(receive_and_load)
+            version = await asyncio.to_thread(self.engine.update_weights, layout, body.last)
         except WeightSyncError as e:
             raise APIError(400, str(e), code='invalid_weights') from None
         except Exception as e:  # noqa: BLE001 - e.g. the trainer died mid-broadcast
@@ -157,7 +150,7 @@ class RolloutRoutes:
         return {'status': 'ok'}
 
     async def close_communicator(self) -> dict[str, Any]:
-        await asyncio.to_thread(self.receiver.close)
+        await asyncio.to_thread(self.engine.close_communicator)
         return {'status': 'ok'}
 
 
