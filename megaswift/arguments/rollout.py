@@ -12,8 +12,8 @@ ROLLOUT_BACKENDS = ('transformers', 'vllm', 'sglang')
 @dataclass
 class RolloutArguments(ArgumentsBase, ServerArguments, ModelArguments, PluginArguments):
     """Where it listens, its API key and caps: ``ServerArguments`` (the same group as ``megaswift deploy``)."""
-    infer_backend: str = 'transformers'   # transformers (vllm / sglang: not implemented yet)
-    data_parallel_size: int = 1           # engine replicas; only 1 for now
+    infer_backend: str = 'transformers'   # transformers | vllm | sglang
+    data_parallel_size: int = 1           # engine replicas behind the one server; each batch is split across them
     weight_sync_bucket_mb: float = 512    # bucket size of the trainer's pushes (advertised by /info)
 
     def _check(self):
@@ -23,9 +23,7 @@ class RolloutArguments(ArgumentsBase, ServerArguments, ModelArguments, PluginArg
         if backend not in ROLLOUT_BACKENDS:
             raise ArgumentError(f"--infer_backend: unknown '{self.infer_backend}' ({', '.join(ROLLOUT_BACKENDS)})")
         self.infer_backend = backend
-        if backend != 'transformers':
-            raise ArgumentError(f'--infer_backend {backend}: not implemented yet for rollout (use transformers)')
-        if self.data_parallel_size != 1:
-            raise ArgumentError(f'--data_parallel_size {self.data_parallel_size}: only 1 is supported for now')
+        if self.data_parallel_size < 1:
+            raise ArgumentError(f'--data_parallel_size: must be >= 1, got {self.data_parallel_size}')
         if self.weight_sync_bucket_mb <= 0:
             raise ArgumentError(f'--weight_sync_bucket_mb: must be > 0, got {self.weight_sync_bucket_mb}')

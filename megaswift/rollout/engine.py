@@ -183,8 +183,19 @@ class TransformersRolloutEngine:
         self.receiver.close()
 
 
-def get_rollout_engine(backend: str, model: str, torch_dtype: str | None = 'auto', **kwargs):
+def get_rollout_engine(backend: str, model: str, torch_dtype: str | None = 'auto', data_parallel_size: int = 1,
+                       **kwargs):
+    """The rollout engine of ``backend``; ``data_parallel_size`` > 1 runs that many replicas in worker
+    processes behind one engine object (``data_parallel.py``)."""
+    if data_parallel_size > 1:
+        from .data_parallel import DataParallelEngine
+        return DataParallelEngine(backend, model, torch_dtype, data_parallel_size, **kwargs)
     if backend in ('transformers', 'pt'):
         return TransformersRolloutEngine(model, torch_dtype, **kwargs)
-    raise NotImplementedError(f"megaswift rollout: --infer_backend {backend} is not implemented yet "
-                              f"(available: transformers)")
+    if backend == 'vllm':
+        from .vllm_engine import VllmRolloutEngine
+        return VllmRolloutEngine(model, torch_dtype, **kwargs)
+    if backend == 'sglang':
+        from .sglang_engine import SGLangRolloutEngine
+        return SGLangRolloutEngine(model, torch_dtype, **kwargs)
+    raise ValueError(f"unknown rollout backend {backend!r} (transformers | vllm | sglang)")
