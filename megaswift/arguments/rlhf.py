@@ -1,6 +1,6 @@
 """Arguments of ``megaswift rlhf`` (Megatron-SWIFT / ms-swift flag names): ``sft``'s groups plus the objective's.
 
-``--rlhf_type`` picks the objective (``megaswift/trainers/objectives``): dpo, orpo, simpo, cpo, kto, rm, gkd (or
+``--rlhf_type`` picks the objective (``megaswift/trainers/objectives``): dpo, orpo, simpo, cpo, kto, rm, gkd, grpo (or
 one an ``--external_plugins`` file registers). For dpo ``--loss_type`` is the list of DPO variants combined by
 ``--loss_weights``; ``--label_smoothing`` is the preference-label noise (cDPO / rDPO / EXO), not token smoothing.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import ArgumentError
+from .grpo import GrpoArguments
 from .train import SftArguments
 
-RLHF_TYPES = ('dpo', 'orpo', 'simpo', 'cpo', 'kto', 'rm', 'gkd')
-DEFAULT_BETA = {'dpo': 0.1, 'orpo': 0.1, 'simpo': 2.0, 'cpo': 0.1, 'kto': 0.1, 'gkd': 0.5}
+RLHF_TYPES = ('dpo', 'orpo', 'simpo', 'cpo', 'kto', 'rm', 'gkd', 'grpo')
+DEFAULT_BETA = {'dpo': 0.1, 'orpo': 0.1, 'simpo': 2.0, 'cpo': 0.1, 'kto': 0.1, 'gkd': 0.5, 'grpo': 0.04}
 
 
 @dataclass
@@ -30,16 +31,18 @@ class RlhfObjectiveArguments:
     undesirable_weight: float = 1.0       # kto
     center_rewards_coefficient: float | None = None  # rm: + coef * mean((r_chosen + r_rejected)^2)
     teacher_model: str | None = None      # gkd: the teacher (same tokenizer)
-    temperature: float = 0.9              # gkd: softmax temperature of student and teacher
+    temperature: float = 0.9              # gkd: of student and teacher; grpo: of sampling (and of the loss's log-probs)
     lmbda: float = 0.0                    # gkd: probability that a step trains on the student's own completions
     seq_kd: bool = False                  # gkd: the other steps train on the teacher's completions (not the data's)
-    max_completion_length: int = 512      # gkd: new tokens at most per generated completion
+    max_completion_length: int = 512      # gkd / grpo: new tokens at most per generated completion
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, stored with the data
 
     def _check(self):
         if self.beta is None:
             self.beta = DEFAULT_BETA.get(self.rlhf_type, 0.1)
-        if self.rlhf_type != 'gkd' and self.beta <= 0:
+        if self.rlhf_type == 'grpo' and self.beta < 0:
+            raise ArgumentError(f'--beta: the KL weight must be >= 0 (0: no reference model), got {self.beta}')
+        if self.rlhf_type not in ('gkd', 'grpo') and self.beta <= 0:
             raise ArgumentError(f'--beta: must be > 0 for --rlhf_type {self.rlhf_type}, got {self.beta}')
         if self.rlhf_type == 'gkd':
             if not 0.0 <= self.beta <= 1.0:
@@ -69,9 +72,9 @@ class RlhfObjectiveArguments:
 
 
 @dataclass
-class RlhfArguments(SftArguments, RlhfObjectiveArguments):
+class RlhfArguments(SftArguments, RlhfObjectiveArguments, GrpoArguments):
     """``megaswift rlhf``: preference optimisation, KTO, reward modelling and distillation on megatron-core."""
-    loss_type: list[str] = field(default_factory=list)  # dpo: sigmoid (default), ipo, hinge, ... (several: summed)
+    loss_type: list[str] = field(default_factory=list)  # dpo: sigmoid (default), ipo, ...; grpo: grpo|bnpo|dr_grpo|dapo|cispo
 
     def _check(self):
         from ..trainers.objectives import losses
@@ -88,7 +91,7 @@ class RlhfArguments(SftArguments, RlhfObjectiveArguments):
                                     f'--loss_type values')
             if 'robust' in self.loss_type and not 0 <= self.label_smoothing < 0.5:
                 raise ArgumentError('--label_smoothing: robust DPO needs it in [0, 0.5)')
-        elif self.loss_type:
+        elif self.loss_type and self.rlhf_type != 'grpo':
             raise ArgumentError(f'--loss_type selects DPO variants; --rlhf_type {self.rlhf_type} takes none')
 
     @property

@@ -109,13 +109,7 @@ def prepare_data(args, plan: Plan):
     from ..trainers.loop import TrainData
     tokenizer = load_tokenizer(plan.model_dir)
     if args.use_chat_template:
-        from ..template import get_template
-        try:
-            encoder = get_template(tokenizer, args.template, agent_template=args.agent_template,
-                                   loss_scale=args.loss_scale, system=args.system, max_length=plan.max_length,
-                                   truncation_strategy=args.truncation_strategy)
-        except ValueError as e:
-            raise ArgumentError(f'--template: {e}') from None
+        encoder = chat_encoder(args, tokenizer, plan.max_length)
         encoder.set_mode(plan.objective.template_mode)
     else:
         encoder = PlainTextEncoder(tokenizer, plan.max_length, args.truncation_strategy)
@@ -181,6 +175,16 @@ def prepare_data(args, plan: Plan):
     return data, max_steps
 
 
+def chat_encoder(args, tokenizer, max_length: int):
+    """The chat template of ``--template`` / ``--agent_template`` / ``--loss_scale`` / ``--system``."""
+    from ..template import get_template
+    try:
+        return get_template(tokenizer, args.template, agent_template=args.agent_template, loss_scale=args.loss_scale,
+                            system=args.system, max_length=max_length, truncation_strategy=args.truncation_strategy)
+    except ValueError as e:
+        raise ArgumentError(f'--template: {e}') from None
+
+
 def build_callback_list(args) -> list:
     """``megaswift.callbacks``: the defaults (progress/log lines, logging.jsonl, loss curve) + --callbacks +
     --report_to; the one place training logs are printed and written."""
@@ -213,9 +217,16 @@ def train_main(args):
         _seed_everything(args.seed)
         from ..trainers.checkpoint import remove_partial_saves
         from ..trainers.loop import Trainer
-        data, max_steps = prepare_data(args, plan)
-        trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args),
-                          parallel=parallel)
+        if getattr(args, 'rlhf_type', None) == 'grpo':
+            from ..trainers.grpo.data import prepare_grpo_data
+            from ..trainers.grpo.trainer import GrpoTrainer
+            data, max_steps, prompts = prepare_grpo_data(args, plan, chat_encoder)
+            trainer = GrpoTrainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args),
+                                  parallel=parallel, prompts=prompts)
+        else:
+            data, max_steps = prepare_data(args, plan)
+            trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args),
+                              parallel=parallel)
         output_dir = Path(args.output_dir)
         if torch.distributed.get_rank() == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -255,5 +266,6 @@ def pt_main(args: PtArguments | None = None, **kwargs):
 
 
 def rlhf_main(args: RlhfArguments | None = None, **kwargs):
-    """``megaswift rlhf --rlhf_type dpo|orpo|simpo|cpo|kto|rm|gkd``: preference, reward and distillation training."""
+    """``megaswift rlhf --rlhf_type dpo|orpo|simpo|cpo|kto|rm|gkd|grpo``: preference, reward, distillation and online
+    RL training."""
     return train_main(args if args is not None else RlhfArguments(**kwargs))

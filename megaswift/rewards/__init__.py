@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any
 
-from .base import ORM, PRM, ReducedReward, orms, prms, reduce_reward
+from .base import ORM, PRM, ReducedReward, orms, prms, reduce_reward, score_completions
 from ..utils.registry import UnknownPluginError
 from .orm import CosineReward, Format, MathAccuracy, MathORM, ReActFormat, RepetitionPenalty, SoftOverlong
 from .prm import ClientPRM, RewardModelPRM, reward_model_from_path
@@ -45,6 +45,6 @@ def get_prm(name_or_path: str, **kwargs: Any) -> PRM:
     return prms.lookup(name_or_path, '--prm_model')(**kwargs)
 
 
-__all__ = ['ORM', 'PRM', 'orms', 'prms', 'get_orm', 'get_prm', 'reduce_reward', 'ReducedReward', 'looks_like_model',
+__all__ = ['ORM', 'PRM', 'orms', 'prms', 'get_orm', 'get_prm', 'reduce_reward', 'score_completions', 'ReducedReward', 'looks_like_model',
            'MathORM', 'MathAccuracy', 'Format', 'ReActFormat', 'CosineReward', 'RepetitionPenalty', 'SoftOverlong',
            'RewardModelPRM', 'ClientPRM', 'reward_model_from_path']

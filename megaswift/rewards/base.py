@@ -49,6 +49,20 @@ def reduce_reward(value: float | list[float]) -> float:
     return float(value)
 
 
+def score_completions(fn, completions: list[str], columns: dict[str, list[Any]], kind: str = 'reward') -> list[float]:
+    """``fn(completions, **columns)`` checked: one finite float per completion (a per-step list reduced with
+    :func:`reduce_reward`); anything else is a RuntimeError naming ``kind`` and the function."""
+    import math
+    values = fn(completions, **columns)
+    if len(values) != len(completions):
+        raise RuntimeError(f'{kind} {type(fn).__name__} returned {len(values)} rewards for {len(completions)} '
+                           f'completions')
+    scores = [reduce_reward(v) for v in values]
+    if any(not math.isfinite(s) for s in scores):
+        raise RuntimeError(f'{kind} {type(fn).__name__} returned a non-finite reward: {scores}')
+    return scores
+
+
 class ReducedReward(ORM):
     """An ORM view of a PRM: each completion's per-step list is reduced with :func:`reduce_reward`."""
 

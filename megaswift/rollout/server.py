@@ -1,7 +1,8 @@
 """``megaswift rollout``: the routes a trainer needs, on the shared FastAPI stack (``serving/app.py``).
 
 - ``GET /health`` (no key), ``GET /info``: model, backend, world size (the server's workers), weights version,
-  the weight-sync bucket size trainers should use (``--weight_sync_bucket_mb``);
+  the weight-sync bucket size trainers should use (``--weight_sync_bucket_mb``), with ``--data_parallel_size``
+  > 1 also ``replicas`` (each one's pid, device, rows generated, weights version, alive);
 - ``POST /infer``: a batch of ``{prompt_token_ids | messages, n, temperature, top_p, top_k, max_tokens, seed}``
   -> per completion ``token_ids``, per-token ``logprobs``, ``finish_reason``; every reply carries the
   ``weights_version`` its completions were generated with;
@@ -86,9 +87,12 @@ class RolloutRoutes:
 
     async def info(self) -> dict[str, Any]:
         e = self.engine
-        return {'model': e.model_name, 'backend': e.backend, 'world_size': e.world_size,
+        info = {'model': e.model_name, 'backend': e.backend, 'world_size': e.world_size,
                 'weights_version': e.weights_version, 'prefix_cache_resets': e.prefix_cache_resets,
                 'communicator': e.has_communicator, 'weight_sync_bucket_mb': self.bucket_mb}
+        if hasattr(e, 'replicas_info'):  # --data_parallel_size > 1: per replica pid, device, rows generated
+            info['replicas'] = e.replicas_info()
+        return info
 
     async def infer(self, request: Request) -> dict[str, Any]:
         body = await read_json(request, InferBody)

@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..dataset import load_dataset
 from ..infer_engine import RequestConfig, get_infer_engine
-from ..rewards import get_orm, get_prm, reduce_reward
+from ..rewards import get_orm, get_prm, score_completions
 from ..utils import dist
 from .cache import load_cached_samples
 from .output import OutputError, SampleOutput, default_output_file, find_resumable
@@ -205,11 +204,4 @@ class Sampler:
     def _rewards(fn, completions: list[str], columns: dict, kind: str) -> list[float] | None:
         if fn is None:
             return None
-        values = fn(completions, **columns)
-        if len(values) != len(completions):
-            raise RuntimeError(f'{kind} {type(fn).__name__} returned {len(values)} rewards for {len(completions)} '
-                               f'completions')
-        scores = [reduce_reward(v) for v in values]
-        if any(not np.isfinite(s) for s in scores):
-            raise RuntimeError(f'{kind} {type(fn).__name__} returned a non-finite reward: {scores}')
-        return scores
+        return score_completions(fn, completions, columns, kind)

@@ -5,7 +5,7 @@ its import below; a user's own goes in an ``--external_plugins`` file the same w
 """
 from __future__ import annotations
 
-from . import cpo, dpo, gkd, kto, reward_model, sft  # noqa: F401  (register their objectives)
+from . import cpo, dpo, gkd, grpo, kto, reward_model, sft  # noqa: F401  (register their objectives)
 from .base import ModelOutput, Objective, build_objective, metric_pair
 from .registry import losses
 

@@ -83,6 +83,13 @@ class ModelOutput:
         per_token, _ = self.token_losses(labels)
         return (-per_token).masked_fill(labels == IGNORE_INDEX, 0.0)
 
+    def scaled(self, temperature: float) -> 'ModelOutput':
+        """The output whose logits are divided by ``temperature`` (the hidden states scale alike when the head is
+        fused: the head is linear)."""
+        if temperature == 1.0:
+            return self
+        return ModelOutput(self.output / temperature, self.head_weight, self.vocab_size, self.tp_group, self.impl)
+
     def masked(self, mask: torch.Tensor) -> 'ModelOutput':
         """The output at the positions where ``mask`` (shaped like the input ids) is true: ``[n, ...]``."""
         return ModelOutput(self.output[mask], self.head_weight, self.vocab_size, self.tp_group, self.impl)

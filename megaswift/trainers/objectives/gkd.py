@@ -61,9 +61,7 @@ class GkdObjective(Objective):
 
     def _log_probs(self, output: ModelOutput, batch: dict) -> torch.Tensor:
         positions = output.masked(batch['labels'] != IGNORE_INDEX)
-        if self.temperature != 1.0:
-            return _scaled(positions, self.temperature).log_softmax()
-        return positions.log_softmax()
+        return positions.scaled(self.temperature).log_softmax()
 
     def frozen_outputs(self, name: str, output: ModelOutput, batch: dict) -> dict:
         return {'teacher_log_probs': self._log_probs(output, batch)}
@@ -81,13 +79,6 @@ class GkdObjective(Objective):
         return (total / batch['loss_denominator'].to(total.dtype), torch.tensor(per_token.numel(), dtype=torch.int),
                 {'loss': jsd, 'jsd': jsd, 'completions/generated': metric_pair(generated, sequences),
                  'completions/mean_length': metric_pair(n, sequences)})
-
-
-def _scaled(output: ModelOutput, temperature: float) -> ModelOutput:
-    """The output whose logits are divided by ``temperature`` (hidden states scale the same way when the head is
-    fused: the head is linear)."""
-    return ModelOutput(output.output / temperature, output.head_weight, output.vocab_size, output.tp_group,
-                       output.impl)
 
 
 __all__ = ['GkdObjective']

@@ -1,0 +1,250 @@
+"""The GRPO step driver: generation batches from a rollout engine, rewards, advantages, then optimizer steps on
+megatron-core with ``objectives/grpo.py``'s loss.
+
+A generation (every ``--steps_per_generation x --num_iterations`` steps):
+
+1. push the policy's weights to the engine (``generation.py``: in place when colocated, over the weight-sync
+   group to a ``megaswift rollout`` server);
+2. draw ``generation_batch_size / num_generations`` prompts (the sampler's position is the resumable data
+   position) and have global rank 0 generate ``--num_generations`` completions of each, every prompt with its own
+   seed ``(--seed, draw, prompt index)``, so a resumed run generates the same completions from the same weights;
+3. score them with ``--reward_funcs`` (weighted by ``--reward_weights``) and turn the rewards into advantages
+   (``advantages.py``); ``--dynamic_sample`` drops groups whose rewards are all equal and draws more prompts, at
+   most ``--max_resample_times`` times (then fills up with dropped groups);
+4. broadcast the batch to every rank, cut it into ``steps_per_generation`` steps of ``--global_batch_size``
+   completions (each rank takes its micro-batches of each step, as ``rank_micro_batches`` splits any step), and
+   run the frozen passes once for all of them: the reference (``--beta`` > 0) and the old policy (when a batch
+   trains more than one step).
+
+Logged at the step that generated: reward mean/std (total and per function), advantage std, completion lengths
+(mean/min/max) and the share cut by ``--max_completion_length``, groups dropped by dynamic sampling, and the time
+split ``time/weight_sync``, ``time/rollout``, ``time/reward``, ``time/logps`` (frozen passes), ``time/train``.
+Failures on rank 0 (a dead server, a reward function that raises) reach every rank as one error: no rank waits.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...megatron.forward import run_schedule
+from ...template.collator import to_device
+from ...utils.constants import IGNORE_INDEX
+from ..data import rank_micro_batches
+from ..loop import Trainer
+from ..rollout import sample_seed
+from .advantages import compute_advantages, zero_std_groups
+from .generation import broadcast_from_rank0, build_source, generate_checked
+from .rewards import RewardSet
+
+logger = logging.getLogger(__name__)
+
+
+class GrpoTrainer(Trainer):
+    def __init__(self, *a, prompts, **kw):
+        super().__init__(*a, **kw)
+        self.prompts = prompts
+        self.rewards = RewardSet(self.args.reward_funcs, self.args.reward_weights) if self.is_main_process else None
+        self.buffer: list[list[dict]] = []  # this rank's micro-batches of each remaining step of the generation
+        self.generations = 0
+        self.source = None
+
+    def setup(self, resume_dir=None) -> None:
+        super().setup(resume_dir)
+        self.source = build_source(self.args, self.model_dir, self.parallel.rank == 0)
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), 'grpo': {'generations': self.generations, 'steps_left': len(self.buffer)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        grpo = state.get('grpo', {})
+        self.generations = int(grpo.get('generations', 0))
+        if grpo.get('steps_left'):
+            logger.warning('the checkpoint was saved %d steps before the end of a generation batch: training goes '
+                           'on with the next generation batch', grpo['steps_left'])
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _on_rank0(self, fn):
+        """``fn()`` on global rank 0, its result (or its error) on every rank."""
+        out = None
+        if self.parallel.rank == 0:
+            try:
+                out = ('ok', fn())
+            except Exception as e:  # noqa: BLE001 - raised below, on every rank
+                out = ('error', f'{type(e).__name__}: {e}')
+                error = e
+        out = broadcast_from_rank0(out)
+        if out[0] == 'error':
+            if self.parallel.rank == 0:
+                raise error
+            raise RuntimeError(f'GRPO generation failed on rank 0: {out[1]}')
+        return out[1]
+
+    def _draw(self, draw: int, prompt_ids: list[int]) -> dict:
+        """Rank 0: completions and rewards of one draw of prompts."""
+        a = self.args
+        requests = [{'prompt_token_ids': self.prompts.ids[i], 'n': a.num_generations, 'temperature': a.temperature,
+                     'top_p': a.top_p, 'top_k': a.top_k, 'max_tokens': a.max_completion_length,
+                     'seed': sample_seed(a.seed, draw, i)} for i in prompt_ids]
+        t0 = time.perf_counter()
+        results = generate_checked(self.source, requests)
+        t1 = time.perf_counter()
+        owners = [i for i, comps in zip(prompt_ids, results) for _ in comps]
+        token_ids = [c['token_ids'] for comps in results for c in comps]
+        texts = self.data.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+        per_func = self.rewards.score(texts, self.prompts.reward_columns(owners, token_ids))
+        return {'prompt_ids': prompt_ids, 'token_ids': token_ids, 'texts': texts,
+                'finish': [c['finish_reason'] for comps in results for c in comps],
+                'per_func': per_func.tolist(), 'total': self.rewards.total(per_func).tolist(),
+                'time/rollout': t1 - t0, 'time/reward': time.perf_counter() - t1}
+
+    def _generate(self) -> tuple[dict, dict]:
+        """The generation batch (on every rank) and its metrics."""
+        a = self.args
+        g, need = a.num_generations, a.prompts_per_generation
+        kept, dropped, draws, timing = [], [], 0, {'time/rollout': 0.0, 'time/reward': 0.0}
+        while True:
+            draw = self.sampler.consumed // need
+            prompt_ids = self.sampler.next_step()
+            batch = self._on_rank0(lambda: self._draw(draw, prompt_ids))
+            draws += 1
+            for k in timing:
+                timing[k] += batch[k]
+            total = torch.tensor(batch['total'], dtype=torch.float64).reshape(len(prompt_ids), g)
+            flat = zero_std_groups(total) if a.dynamic_sample else torch.zeros(len(prompt_ids), dtype=torch.bool)
+            for p in range(len(prompt_ids)):
+                (dropped if flat[p] else kept).append((batch, p))
+            if len(kept) >= need or not a.dynamic_sample or draws > a.max_resample_times:
+                break
+        groups = (kept + dropped)[:need]
+        return self._assemble(groups), {**timing, 'dynamic_sample/dropped_groups': float(len(dropped)),
+                                        'dynamic_sample/draws': float(draws)}
+
+    def _assemble(self, groups: list[tuple[dict, int]]) -> dict:
+        g = self.args.num_generations
+        out = {k: [] for k in ('prompt', 'token_ids', 'texts', 'finish', 'per_func', 'total')}
+        for batch, p in groups:
+            rows = range(p * g, (p + 1) * g)
+            out['prompt'] += [batch['prompt_ids'][p]] * g
+            for k in ('token_ids', 'texts', 'finish', 'per_func', 'total'):
+                out[k] += [batch[k][r] for r in rows]
+        total = torch.tensor(out['total'], dtype=torch.float64).reshape(len(groups), g)
+        out['advantages'] = compute_advantages(total, self.args.advantage_estimator,
+                                               self.args.scale_rewards).reshape(-1).tolist()
+        return out
+
+    def _sequences(self, gen: dict) -> list[dict]:
+        seqs = []
+        for prompt, ids, finish in zip(gen['prompt'], gen['token_ids'], gen['finish']):
+            prompt_ids = self.prompts.ids[prompt]
+            trained = not (self.args.overlong_filter and finish == 'length')
+            labels = ids if trained else [IGNORE_INDEX] * len(ids)
+            seqs.append({'input_ids': np.asarray(prompt_ids + ids, dtype=np.int64),
+                         'labels': np.asarray([IGNORE_INDEX] * len(prompt_ids) + labels, dtype=np.int64)})
+        return seqs
+
+    def _refill(self) -> dict:
+        """Generate the next batch and fill ``self.buffer``; returns the generation's metrics."""
+        a, ctx = self.args, self.parallel
+        t0 = time.perf_counter()
+        self._on_rank0(lambda: None)  # every rank here before the weight push
+        self.source.sync(self.models, ctx)
+        t_sync = time.perf_counter() - t0
+        gen, metrics = self._generate()
+        self.generations += 1
+        if a.log_completions and self.is_main_process:
+            self._log_completions(gen)
+        t1 = time.perf_counter()
+        seqs = self._sequences(gen)
+        collator, gbs, mbs = self.data.collator, a.global_batch_size, a.micro_batch_size
+        steps = []
+        for s in range(a.steps_per_generation):
+            step = list(range(s * gbs, (s + 1) * gbs))
+            mine = rank_micro_batches(step, ctx.dp_rank, ctx.dp_size, mbs)
+            steps.append([to_device(collator.collate([seqs[i] for i in mb],
+                                                     {'advantages': [('sample', gen['advantages'][i]) for i in mb]}),
+                                    self.device) for mb in mine])
+        self.run_frozen_models([b for step in steps for b in step])
+        self.buffer = [step for _ in range(a.num_iterations) for step in steps]
+        metrics['time/logps'] = time.perf_counter() - t1
+        metrics['time/weight_sync'] = t_sync
+        return {**metrics, **generation_metrics(gen, self.args.reward_funcs)}
+
+    def _log_completions(self, gen: dict) -> None:
+        path = Path(self.args.output_dir) / 'completions.jsonl'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open('a', encoding='utf-8') as f:
+            for k, text in enumerate(gen['texts']):
+                prompt = self.prompts.prompts[gen['prompt'][k]]
+                f.write(json.dumps({'step': self.state.global_step + 1, 'generation': self.generations,
+                                    'prompt': prompt.messages, 'completion': text, 'finish_reason': gen['finish'][k],
+                                    'rewards': dict(zip(self.args.reward_funcs, gen['per_func'][k])),
+                                    'reward': gen['total'][k], 'advantage': gen['advantages'][k]},
+                                   ensure_ascii=False) + '\n')
+
+    # ------------------------------------------------------------------------------------------ step
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        generated = self._refill() if not self.buffer else {}
+        batches = self.buffer.pop(0)
+        t_train = time.perf_counter()
+        self._denominators(batches)
+        for m in self.models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=False))
+        loss_sum, count = reduced.pop('loss')
+        tokens = self._reduce_tokens(batches)
+        reduced.update({k: (float(v), 1.0) for k, v in generated.items()})
+        reduced['time/train'] = (time.perf_counter() - t_train, 1.0)
+        elapsed = time.perf_counter() - start
+        return {'loss': loss_sum / max(count, 1e-12), 'grad_norm': float(grad_norm) if grad_norm is not None else None,
+                'num_tokens': tokens, 'tokens_per_sec': tokens / max(elapsed, 1e-9), 'flops': 0.0,
+                'step_time': elapsed, 'objective': reduced, 'packing_efficiency': 1.0, 'skipped': not ok}
+
+    def _reduce_tokens(self, batches: list[dict]) -> int:
+        """The step's trained (completion) tokens over all data-parallel ranks."""
+        local = sum(int(b['num_real_tokens']) for b in batches)
+        t = torch.tensor([local], dtype=torch.float64, device=self.device)
+        if self.parallel.dp_size > 1:
+            torch.distributed.all_reduce(t, group=self.parallel.dp_group)
+        return int(t.item())
+
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            if self.source is not None:
+                self.source.close()
+
+
+def generation_metrics(gen: dict, names: list[str]) -> dict[str, float]:
+    total = torch.tensor(gen['total'], dtype=torch.float64)
+    per_func = torch.tensor(gen['per_func'], dtype=torch.float64)
+    lengths = torch.tensor([len(t) for t in gen['token_ids']], dtype=torch.float64)
+    out = {'reward': total.mean().item(), 'reward_std': _std(total),
+           'advantages/std': _std(torch.tensor(gen['advantages'], dtype=torch.float64)),
+           'completions/mean_length': lengths.mean().item(), 'completions/min_length': lengths.min().item(),
+           'completions/max_length': lengths.max().item(),
+           'completions/clipped_ratio': sum(f == 'length' for f in gen['finish']) / max(len(gen['finish']), 1)}
+    for k, name in enumerate(names):
+        out[f'rewards/{name}/mean'] = per_func[:, k].mean().item()
+        out[f'rewards/{name}/std'] = _std(per_func[:, k])
+    return out
+
+
+def _std(x: torch.Tensor) -> float:
+    return x.std().item() if x.numel() > 1 else 0.0
+
+
+__all__ = ['GrpoTrainer', 'generation_metrics']
