@@ -1,8 +1,10 @@
 """``megaswift rollout``: the routes a trainer needs, on the shared FastAPI stack (``serving/app.py``).
 
 - ``GET /health`` (no key), ``GET /info``: model, backend, world size (the server's workers), weights version,
-  the weight-sync bucket size trainers should use (``--weight_sync_bucket_mb``), with ``--data_parallel_size``
-  > 1 also ``replicas`` (each one's pid, device, rows generated, weights version, alive);
+  the weight-sync bucket size trainers should use (``--weight_sync_bucket_mb``), how the weight-sync group is
+  formed (``weight_sync_protocol``, an engine attribute: ``megaswift`` or ``named_group``, ``weight_sync.py``),
+  with ``--data_parallel_size`` > 1 also ``replicas`` (each one's pid, device, rows generated, weights version,
+  alive);
 - ``POST /infer``: a batch of ``{prompt_token_ids | messages, n, temperature, top_p, top_k, max_tokens, seed}``
   -> per completion ``token_ids``, per-token ``logprobs``, ``finish_reason``; every reply carries the
   ``weights_version`` its completions were generated with;
@@ -89,7 +91,8 @@ class RolloutRoutes:
         e = self.engine
         info = {'model': e.model_name, 'backend': e.backend, 'world_size': e.world_size,
                 'weights_version': e.weights_version, 'prefix_cache_resets': e.prefix_cache_resets,
-                'communicator': e.has_communicator, 'weight_sync_bucket_mb': self.bucket_mb}
+                'communicator': e.has_communicator, 'weight_sync_bucket_mb': self.bucket_mb,
+                'weight_sync_protocol': getattr(e, 'weight_sync_protocol', 'megaswift')}
         if hasattr(e, 'replicas_info'):  # --data_parallel_size > 1: per replica pid, device, rows generated
             info['replicas'] = e.replicas_info()
         return info
