@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
 import time
 import traceback
-import weakref
 from multiprocessing.connection import wait
 
 from ..utils.errors import ArgumentError, UserError
@@ -196,8 +196,9 @@ class DataParallelEngine:
         threads = max(1, cpu_count() // self.size)
         self._procs, self._conns, self._sides = [], [], []
         self._states: dict[int, dict] = {}
-        # before any worker starts (and so before multiprocessing's exit hook, which joins them): stops them
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns, self._sides)
+        # stops the workers when this engine is collected or at exit, before multiprocessing joins its children
+        self._finalizer = multiprocessing.util.Finalize(self, _shutdown, (self._procs, self._conns, self._sides),
+                                                        exitpriority=10)
         try:
             for i in range(self.size):
                 conn, child = ctx.Pipe()
@@ -333,6 +334,8 @@ class DataParallelEngine:
 
     def infer(self, requests: list) -> tuple[list[list[dict]], int]:
         """Completions of every request (in order) and the weights version they were all generated with."""
+        if not requests:
+            return [], self.weights_version
         with self.lock:
             shares = split_by_rows([r.n for r in requests], self.size)
             busy = [i for i, share in enumerate(shares) if share]
