@@ -16,7 +16,8 @@ from typing import Any
 
 import requests
 
-from .weight_sync import DEFAULT_BUCKET_MB, RolloutError, default_backend, new_group
+from .weight_sync import (DEFAULT_BUCKET_MB, PROTOCOLS, RolloutError, default_backend, drop_group, join_named_group,
+                          named_group_name, new_group)
 
 __all__ = ['RolloutClient', 'RolloutError']
 
@@ -33,6 +34,7 @@ class RolloutClient:
             self.session.headers['Authorization'] = f'Bearer {api_key}'
         self.group = None
         self.backend = None
+        self.protocol = 'megaswift'  # how the group is formed: the server's /info weight_sync_protocol
         self._store = None
         self._lock = threading.Lock()
 
@@ -107,6 +109,10 @@ class RolloutClient:
         self.close_communicator()
         info = self.info()
         world = 1 + int(info['world_size'])
+        protocol = info.get('weight_sync_protocol', 'megaswift')
+        if protocol not in PROTOCOLS:
+            raise RolloutError(f'rollout server {self.base_url} forms its weight-sync group by {protocol!r}, which '
+                               f'this client does not know ({", ".join(PROTOCOLS)})')
         store = torch_store(host, port, world, timeout_s)
         box: dict = {}
 
@@ -121,7 +127,10 @@ class RolloutClient:
         poster = threading.Thread(target=post, daemon=True, name='rollout-init-communicator')
         poster.start()
         try:
-            group = new_group(store, 0, world, backend, timeout_s)
+            if protocol == 'named_group':
+                group = join_named_group(store, 0, world, backend, timeout_s, named_group_name(store.port))
+            else:
+                group = new_group(store, 0, world, backend, timeout_s)
         except Exception as e:
             poster.join(timeout=self.connect_timeout)
             raise RolloutError(f'rollout server {self.base_url}: could not form the weight-sync group at '
@@ -129,7 +138,7 @@ class RolloutClient:
         poster.join()
         if 'error' in box:
             raise box['error']
-        self.group, self.backend, self._store = group, backend, store
+        self.group, self.backend, self.protocol, self._store = group, backend, protocol, store
 
     def close_communicator(self) -> None:
         group, self.group, self._store = self.group, None, None
@@ -144,6 +153,8 @@ class RolloutClient:
                 group.shutdown()
             except Exception:  # noqa: BLE001
                 pass
+        if self.protocol == 'named_group':
+            drop_group(group)
 
     def abandon_communicator(self) -> None:
         """Drop a group left mid-collective (the server refused a bucket): abort it, tell the server to close."""
@@ -153,6 +164,8 @@ class RolloutClient:
                 group.abort()
             except Exception:  # noqa: BLE001
                 pass
+        if group is not None and self.protocol == 'named_group':
+            drop_group(group)
         try:
             self._call('POST', '/close_communicator', {}, retry=False, read_timeout=self.connect_timeout * 2)
         except RolloutError:

@@ -7,6 +7,13 @@ same time, broadcasts the bucket's bytes as one flat ``uint8`` buffer; the serve
 size the layout gives, then copies the tensors in place. The last bucket carries ``last: true``: the server then
 bumps its weights version and resets its prefix cache.
 
+Two ways of forming that group, advertised by the server's ``/info`` as ``weight_sync_protocol``:
+
+- ``megaswift`` (the default): the process group is built directly on the trainer's store (``new_group``);
+- ``named_group``: the group is built the way torch builds a named group (``join_named_group``: the store under
+  a ``PrefixStore`` named after the group, then torch's own group constructor). SGLang's workers can only join a
+  weight-update group this way (``Engine.init_weights_update_group``); the bytes sent are the same flat buckets.
+
 Trainer side: ``push_weights(models, parallel, client, bucket_mb)`` (every rank calls it; the TP/PP gathers are
 ``iter_hf_weights``'s, one layer at a time, so no rank holds a full copy of the model) or
 ``push_named_tensors(client, pairs, bucket_mb)`` for any iterable of ``(hf_name, tensor)``.
@@ -61,6 +68,52 @@ def new_group(store: torch.distributed.Store, rank: int, world_size: int, backen
         options._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, options)
     raise WeightSyncError(f"unknown weight-sync backend {backend!r} (gloo | nccl)")
+
+
+PROTOCOLS = ('megaswift', 'named_group')
+
+
+def named_group_name(port: int) -> str:
+    """The name both ends give a ``named_group`` group formed on the store at ``port``."""
+    return f'megaswift-weight-sync-{port}'
+
+
+def join_named_group(store: torch.distributed.Store, rank: int, world_size: int, backend: str,
+                     timeout_s: float, group_name: str) -> torch.distributed.ProcessGroup:
+    """A group over ``store`` built as torch builds a named group: ``PrefixStore(group_name, store)`` handed to
+    torch's group constructor under ``group_name`` (the store keys and per-device backends then match SGLang's
+    ``init_custom_process_group`` on the same torch). A group left under the same name in this process is
+    dropped first."""
+    from torch.distributed import distributed_c10d as c10d
+    if torch.distributed.is_initialized() and c10d._get_default_group().bound_device_id is not None:
+        # torch would split this group from the default group's communicator: a collective the other ranks of
+        # the default group never join
+        raise WeightSyncError('a named weight-sync group cannot be formed while the default process group is bound '
+                              'to a device (init_process_group(device_id=...))')
+    for group, name in list(c10d._world.pg_names.items()):
+        if name == group_name:
+            drop_group(group)
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
+                                              c10d.PrefixStore(group_name, store), group_name=group_name,
+                                              timeout=datetime.timedelta(seconds=timeout_s))
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def drop_group(group) -> None:
+    """Forget a named group (its name becomes free again); a group torch does not know is left alone."""
+    try:
+        torch.distributed.destroy_process_group(group)
+    except Exception:  # noqa: BLE001 - not registered, or its peer is gone
+        pass
+
+
+def broadcast_device(protocol: str, backend: str) -> torch.device:
+    """Where a bucket's bytes live while broadcast. A named gloo group holds one gloo context per device type and
+    picks it by the tensor's device: SGLang broadcasts CUDA tensors, so the trainer does too when it can."""
+    if backend == 'nccl' or (protocol == 'named_group' and torch.cuda.is_available()):
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device('cpu')
 
 
 def default_backend() -> str:
@@ -123,7 +176,7 @@ def push_named_tensors(client, pairs: Iterable[tuple[str, torch.Tensor]],
     if group is None:
         raise WeightSyncError(f'no communicator with the rollout server at {client.base_url}: '
                               'call client.init_communicator() first')
-    device = torch.device('cuda', torch.cuda.current_device()) if client.backend == 'nccl' else torch.device('cpu')
+    device = broadcast_device(getattr(client, 'protocol', 'megaswift'), client.backend)
     it = buckets(pairs, bucket_mb)
     bucket = next(it)
     reply = None
