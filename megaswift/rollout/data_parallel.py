@@ -17,6 +17,7 @@ worker process (multiprocessing, spawn context), which serves a request loop ove
 - a replica that dies (crash, ``kill -9``) is noticed at once (its pipe and its process sentinel are watched
   together, never a blocking read) and every call then raises ``RolloutError`` naming the replica, its pid and
   exit code; the server must be restarted;
+- a server killed with -9 takes its replicas with it (each waits on its parent in a watchdog thread);
 - prompts given as ``messages`` are templated by a replica on a second pipe served by its own thread, so a
   long ``infer`` on that replica does not hold it up.
 
@@ -105,10 +106,14 @@ def _worker(index: int, conn, side, backend: str, model: str, torch_dtype, kwarg
     if visible_devices is None:
         torch.set_num_threads(threads)
     try:
+        if visible_devices is not None and torch.cuda.is_initialized():
+            raise RuntimeError(f'CUDA was initialised (by a module imported at spawn) before replica {index} could set '
+                               f'CUDA_VISIBLE_DEVICES={visible_devices}')
         from .engine import get_rollout_engine
         engine = get_rollout_engine(backend, model, torch_dtype, 1, **kwargs)
         info = {'backend': engine.backend, 'world_size': int(engine.world_size), 'model_name': engine.model_name,
-                'device': str(engine.device), 'pid': os.getpid(), 'visible_devices': visible_devices}
+                'device': str(engine.device), 'pid': os.getpid(), 'visible_devices': visible_devices,
+                'weight_sync_protocol': getattr(engine, 'weight_sync_protocol', 'megaswift')}
     except Exception as e:  # noqa: BLE001 - reported to the server
         conn.send(('error', *_describe(e, starting=True), traceback.format_exc(), None))
         raise SystemExit(1) from None
@@ -133,8 +138,9 @@ def split_by_rows(rows: list[int], parts: int) -> list[list[int]]:
     return [sorted(s) for s in shares]
 
 
-def device_plan(size: int, device: str | None) -> list[str | None]:
-    """Each replica's ``CUDA_VISIBLE_DEVICES`` (None: a CPU replica)."""
+def device_plan(size: int, device: str | None, per_replica: int = 1) -> list[str | None]:
+    """Each replica's ``CUDA_VISIBLE_DEVICES`` (None: a CPU replica); a replica needs ``per_replica`` GPUs (its
+    tensor parallel size)."""
     if device is not None and str(device).startswith('cpu'):
         return [None] * size
     import torch
@@ -145,9 +151,9 @@ def device_plan(size: int, device: str | None) -> list[str | None]:
     ids = [d.strip() for d in env.split(',') if d.strip()] if env else [str(i) for i in range(count)]
     ids = ids[:count]
     per = len(ids) // size
-    if per == 0:
-        raise ArgumentError(f'--data_parallel_size {size} needs at least {size} GPUs, {len(ids)} visible '
-                         f'({ids}); or run the replicas on CPU (device cpu)')
+    if per < per_replica:
+        raise ArgumentError(f'--data_parallel_size {size} needs at least {size * per_replica} GPUs, {len(ids)} '
+                            f'visible ({ids}); or run the replicas on CPU (device cpu)')
     return [','.join(ids[i * per:(i + 1) * per]) for i in range(size)]
 
 
@@ -192,7 +198,7 @@ class DataParallelEngine:
         self._sync_timeout_s: float | None = None
         self.rows = [0] * self.size
         ctx = multiprocessing.get_context('spawn')
-        plan = device_plan(self.size, kwargs.get('device'))
+        plan = device_plan(self.size, kwargs.get('device'), int(kwargs.get('tensor_parallel_size') or 1))
         threads = max(1, cpu_count() // self.size)
         self._procs, self._conns, self._sides = [], [], []
         self._states: dict[int, dict] = {}
@@ -219,6 +225,7 @@ class DataParallelEngine:
             raise
         first = self.replicas[0]
         self.backend, self.device = first['backend'], first['device']
+        self.weight_sync_protocol = first['weight_sync_protocol']  # how the replicas join the group (``/info``)
         self.world_size = self.size * first['world_size']  # its ranks in the weight-sync group
         logger.info('rollout: %d %s replicas of %s, pids %s', self.size, self.backend, model,
                     [r['pid'] for r in self.replicas])

@@ -157,5 +157,7 @@ def test_split_by_rows_and_device_plan(monkeypatch):
     assert device_plan(2, 'cpu') == [None, None]
     with pytest.raises(ValueError, match='needs at least 8 GPUs, 4 visible'):
         device_plan(8, None)
+    with pytest.raises(ValueError, match='needs at least 6 GPUs, 4 visible'):
+        device_plan(2, None, per_replica=3)  # tensor parallel replicas
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     assert device_plan(2, None) == [None, None]
