@@ -29,13 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.errors import UserError
+
 DTYPES = {str(d).removeprefix('torch.'): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                                     torch.int64, torch.int32, torch.uint8, torch.int8, torch.bool)}
 DEFAULT_BUCKET_MB = 512
 
 
-class RolloutError(RuntimeError):
-    """The rollout server failed, refused or could not be reached; the message says which server and why."""
+class RolloutError(UserError, RuntimeError):
+    """The rollout server failed, refused or could not be reached; the message says which server and why (the
+    CLI prints it as one line)."""
 
 
 class WeightSyncError(RolloutError):

@@ -56,7 +56,7 @@ def trajectory(state) -> dict:
     logs = [h for h in state.log_history if 'loss' in h and 'eval_loss' not in h]
     out = {'step': [h['step'] for h in logs], 'loss': [h['loss'] for h in logs],
            'grad_norm': [h['grad_norm'] for h in logs], 'lr': [h['lr'] for h in logs]}
-    metrics = sorted({k for h in logs for k in h if '/' in k or k in ('kl', 'jsd')})  # an objective's own (rlhf)
+    metrics = sorted({k for h in logs for k in h if '/' in k or k in ('kl', 'jsd', 'reward', 'reward_std', 'entropy')})
     if metrics:
         out['metrics'] = {k: [h.get(k) for h in logs] for k in metrics}
     evals = [h for h in state.log_history if 'eval_loss' in h]

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from ...rollout.weight_sync import DEFAULT_BUCKET_MB, WeightSyncError, buckets
+from ...rollout.weight_sync import DEFAULT_BUCKET_MB, RolloutError, WeightSyncError, buckets
 
 logger = logging.getLogger(__name__)
 
 
-class StalePolicyError(RuntimeError):
+class StalePolicyError(RolloutError):
     """The rollout engine answered with other weights than the trainer last pushed."""
 
 

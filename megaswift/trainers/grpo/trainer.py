@@ -38,6 +38,7 @@ from ..data import rank_micro_batches
 from ..loop import Trainer
 from ..rollout import sample_seed
 from .advantages import compute_advantages, zero_std_groups
+from ...rollout.weight_sync import RolloutError
 from .generation import broadcast_from_rank0, build_source, generate_checked
 from .rewards import RewardSet
 
@@ -55,7 +56,9 @@ class GrpoTrainer(Trainer):
 
     def setup(self, resume_dir=None) -> None:
         super().setup(resume_dir)
-        self.source = build_source(self.args, self.model_dir, self.parallel.rank == 0)
+        rank0 = self.parallel.rank == 0
+        source = self._on_rank0(lambda: build_source(self.args, self.model_dir, True), share=False)
+        self.source = source if rank0 else build_source(self.args, self.model_dir, False)
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -70,21 +73,21 @@ class GrpoTrainer(Trainer):
                            'on with the next generation batch', grpo['steps_left'])
 
     # ------------------------------------------------------------------------------------------ generation
-    def _on_rank0(self, fn):
-        """``fn()`` on global rank 0, its result (or its error) on every rank."""
-        out = None
+    def _on_rank0(self, fn, share: bool = True):
+        """``fn()`` on global rank 0; its error is raised on every rank (no rank is left waiting in a collective),
+        its result is broadcast to every rank (``share``) or stays on rank 0."""
+        status, value, error = None, None, None
         if self.parallel.rank == 0:
             try:
-                out = ('ok', fn())
+                value, status = fn(), 'ok'
             except Exception as e:  # noqa: BLE001 - raised below, on every rank
-                out = ('error', f'{type(e).__name__}: {e}')
-                error = e
-        out = broadcast_from_rank0(out)
-        if out[0] == 'error':
-            if self.parallel.rank == 0:
+                status, error = f'{type(e).__name__}: {e}', e
+        status = broadcast_from_rank0(status)
+        if status != 'ok':
+            if error is not None:
                 raise error
-            raise RuntimeError(f'GRPO generation failed on rank 0: {out[1]}')
-        return out[1]
+            raise RolloutError(f'GRPO generation failed on rank 0: {status}')
+        return broadcast_from_rank0(value) if share else value
 
     def _draw(self, draw: int, prompt_ids: list[int]) -> dict:
         """Rank 0: completions and rewards of one draw of prompts."""
