@@ -91,3 +91,25 @@ def template_in_mode(tokenizer, mode: str, **kwargs):
     template = get_template(tokenizer, **kwargs)
     template.set_mode(mode)
     return template
+
+
+def start_rollout_server(model_dir: str, log_path: Path, *flags: str, env: dict | None = None):
+    """``megaswift rollout --model model_dir --port 0 --torch_dtype float32 FLAGS`` in a process of its own; returns
+    ``(process, url)`` once it listens (its stderr goes to ``log_path``). The caller kills it."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    repo = Path(__file__).resolve().parents[1]
+    env = env or dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get('PYTHONPATH', '')]),
+                      PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    with open(log_path, 'w') as err:
+        proc = subprocess.Popen([sys.executable, '-m', 'megaswift.cli.main', 'rollout', '--model', model_dir,
+                                 '--port', '0', '--torch_dtype', 'float32', *flags],
+                                env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    if ' at http://' not in line:
+        proc.kill()
+        pytest.fail(f'megaswift rollout did not start: {line!r}\n{Path(log_path).read_text()[-4000:]}')
+    return proc, line.split(' at ')[1].strip()

@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip('fastapi')
 pytest.importorskip('uvicorn')
 
-from testing_utils import build_tiny_model  # noqa: E402
+from testing_utils import build_tiny_model, start_rollout_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -52,17 +52,10 @@ def servers(tmp_path_factory):
     procs = []
 
     def start(model_dir, *flags):
-        log = tmp_path_factory.mktemp('rollout_server') / 'stderr.log'
-        with open(log, 'w') as err:
-            proc = subprocess.Popen([sys.executable, '-m', 'megaswift.cli.main', 'rollout', '--model', model_dir,
-                                     '--port', '0', '--torch_dtype', 'float32', *flags],
-                                    env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc, url = start_rollout_server(model_dir, tmp_path_factory.mktemp('rollout_server') / 'stderr.log', *flags,
+                                         env=_env())
         procs.append(proc)
-        line = proc.stdout.readline()
-        if ' at http://' not in line:
-            proc.kill()
-            pytest.fail(f'megaswift rollout did not start: {line!r}\n{log.read_text()[-4000:]}')
-        return proc, line.split(' at ')[1].strip()
+        return proc, url
 
     yield start
     for proc in procs:

@@ -17,23 +17,8 @@ import json
 import random
 from pathlib import Path
 
+import grpo_reward_plugin  # noqa: F401  (registers the vowel_share reward)
 from train_cases import WORDS, case, main, per_rank_normalisation
-
-from megaswift.rewards import ORM, orms
-
-
-class VowelShare(ORM):
-    """A reward a random model's completions spread over: the share of vowels among the letters."""
-
-    def __call__(self, completions, **columns):
-        out = []
-        for text in completions:
-            letters = [c for c in text.lower() if c.isalpha()]
-            out.append(sum(c in 'aeiou' for c in letters) / len(letters) if letters else 0.0)
-        return out
-
-
-orms['vowel_share'] = VowelShare
 
 
 def make_stopping(model_dir: str) -> None:
