@@ -89,8 +89,9 @@ class VllmRolloutEngine:
 
     # ---------------------------------------------------------------- infer
     def _sampling_params(self, r: SamplingRequest):
+        # vLLM refuses n > 1 with greedy sampling: one greedy completion, copied n times by ``infer``
         rc = RequestConfig(max_tokens=self._max_new(r), temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                           n=r.n, seed=r.seed)
+                           n=1 if r.temperature == 0 else r.n, seed=r.seed)
         return self.infer_engine._sampling_params(rc, logprobs=0, detokenize=False)
 
     def infer(self, requests: list[SamplingRequest]) -> tuple[list[list[dict]], int]:
@@ -104,7 +105,11 @@ class VllmRolloutEngine:
                 raise WeightSyncError(self._failed)
             outputs = self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
             version = self.weights_version
-        return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs], version
+        results = []
+        for r, out in zip(requests, outputs):
+            completions = [self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)]
+            results.append(completions * r.n if len(completions) == 1 else completions)
+        return results, version
 
     @staticmethod
     def _completion(c) -> dict:
