@@ -50,6 +50,8 @@ def setup_swift():
         sh(['python3.11', '-m', 'venv', SWIFT_VENV])
         sh([py, '-m', 'pip', 'install', '-q', f'torch=={SWIFT_TORCH}'])
         sh([py, '-m', 'pip', 'install', '-q', f'ms-swift=={SWIFT_VERSION}'])
+    # swift's GRPO trainer imports msgspec, which ms-swift 4.6.0 does not declare (benchmarks/grpo_step.py)
+    sh([py, '-m', 'pip', 'install', '-q', 'msgspec'])
     out = subprocess.run([str(py), '-c', 'import torch, swift, transformers; '
                           'print(torch.__version__, swift.__version__, transformers.__version__)'],
                          capture_output=True, text=True, check=True).stdout.split()

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -206,6 +208,10 @@ def bind(host: str = '127.0.0.1', port: int = 8000) -> socket.socket:
     return sock
 
 
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(app: FastAPI, sock: socket.socket, on_listen: Callable[[str], None] | None = None) -> None:
     """Serve ``app`` on the bound ``sock`` until SIGINT / SIGTERM (in-flight requests get 5 s to finish). The
     socket listens before ``on_listen(url)`` is called, so a client told the URL can connect at once."""
@@ -214,6 +220,10 @@ def serve(app: FastAPI, sock: socket.socket, on_listen: Callable[[str], None] | 
     host, port = sock.getsockname()[:2]
     url = f'http://[{host}]:{port}' if sock.family == socket.AF_INET6 else f'http://{host}:{port}'
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5))
+    # After a graceful shutdown uvicorn re-raises the SIGTERM it caught; its default action would kill the process
+    # before the caller's ``finally`` closes the engine (vLLM's engine-core processes would outlive the server).
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     if on_listen is not None:
         on_listen(url)
     server.run(sockets=[sock])

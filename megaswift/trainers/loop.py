@@ -242,6 +242,19 @@ class Trainer:
             torch.distributed.all_reduce(total, group=ctx.pp_group)
         return {name: tuple(row) for name, row in zip(names, total.cpu().tolist())}
 
+    def optimizer_step(self, batches: list[dict]) -> tuple[dict, Optional[float], bool]:
+        """One optimizer step over this rank's ``batches`` (denominators set, frozen outputs in them): the schedule's
+        forwards and backwards, the optimizer, the scheduler. Returns the reduced metrics, grad norm and whether the
+        step was taken."""
+        for m in self.models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        return self._reduce(outputs, self.objective.metric_names(evaluate=False)), grad_norm, ok
+
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
         ctx = self.parallel
@@ -252,14 +265,7 @@ class Trainer:
                                          Rollout(self, mine, self.state.global_step + 1))
         self._denominators(batches)
         self.run_frozen_models(batches)
-        for m in self.models:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
-        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=False))
+        reduced, grad_norm, ok = self.optimizer_step(batches)
         loss_sum, count = reduced.pop('loss')
         elapsed = time.perf_counter() - start
         all_mbs = [mb for r in range(ctx.dp_size) for mb in rank_micro_batches(step_items, r, ctx.dp_size, mbs)]

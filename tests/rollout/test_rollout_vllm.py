@@ -18,6 +18,7 @@ One vLLM server for the module (each start costs ~30-50 s on 2 cores).
 from __future__ import annotations
 
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -57,13 +58,20 @@ def _timed(label, fn, *args):
 @pytest.fixture(scope='module')
 def synced(models, servers, tmp_path_factory):
     """One vLLM server on model A; a TP=1 trainer checks it, then pushes B; then TP=2 pushes A and PP=2 pushes B."""
-    _, url = _timed('vLLM server start', servers, models['a'], '--infer_backend', 'vllm',
-                    '--weight_sync_bucket_mb', str(BUCKET_MB))
+    proc, url = _timed('vLLM server start', servers, models['a'], '--infer_backend', 'vllm',
+                       '--weight_sync_bucket_mb', str(BUCKET_MB))
     tmp = tmp_path_factory.mktemp('rollout_vllm_trainer')
     setup = {'url': url, 'model_a': models['a'], 'model_b': models['b'], 'prompt': LONG_PROMPT, 'max_tokens': 16,
              'bucket_mb': BUCKET_MB}
-    return {'url': url, 'tp1': _timed('TP=1 trainer', _run_trainer, tmp, setup, 1),
-            'layouts': _timed('TP=2 + PP=2 trainers', _run_trainer, tmp, setup, 2)}
+    yield {'url': url, 'tp1': _timed('TP=1 trainer', _run_trainer, tmp, setup, 1),
+           'layouts': _timed('TP=2 + PP=2 trainers', _run_trainer, tmp, setup, 2)}
+    # SIGTERM first: the server then closes its engine, which stops vLLM's engine-core and worker processes
+    # (``servers`` kills with SIGKILL, after which they would stay behind, holding their memory)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _client(url):

@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...megatron.forward import run_schedule
 from ...template.collator import to_device
 from ...utils.constants import IGNORE_INDEX
 from ..data import rank_micro_batches
@@ -198,14 +197,7 @@ class GrpoTrainer(Trainer):
         batches = self.buffer.pop(0)
         t_train = time.perf_counter()
         self._denominators(batches)
-        for m in self.models:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
-            self.scheduler.step(increment=1)
-        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=False))
+        reduced, grad_norm, ok = self.optimizer_step(batches)
         loss_sum, count = reduced.pop('loss')
         tokens = self._reduce_tokens(batches)
         reduced.update({k: (float(v), 1.0) for k, v in generated.items()})
