@@ -41,6 +41,7 @@ class GrpoArguments:
     rollout_timeout: float = 600.0        # seconds a generation or a weight push may take before it is an error
     rollout_communicator_host: str = '127.0.0.1'  # this node's address the server's workers can reach
     weight_sync_bucket_mb: float | None = None    # default: the server's (colocate: 512)
+    async_generate: bool = False          # generate the next batch while this one trains (one generation off-policy)
     log_completions: bool = False         # <output_dir>/completions.jsonl: prompt, completion, rewards, advantage
     log_entropy: bool = True              # entropy of the sampling distribution on completion tokens
 
@@ -88,6 +89,9 @@ class GrpoArguments:
         if self.generation_batch_size % self.num_generations:
             raise ArgumentError(f'--generation_batch_size {self.generation_batch_size} (completions per generation) '
                                 f'must be a multiple of --num_generations {self.num_generations}')
+        if self.async_generate and self.dynamic_sample:
+            raise ArgumentError('--async_generate with --dynamic_sample is not supported: the resampling decision '
+                                'needs the rewards before the next prompts are drawn')
         if self.packing:
             raise ArgumentError('--packing: GRPO trains on generated completions, packed padding-free per '
                                 'micro-batch already (leave --packing false)')

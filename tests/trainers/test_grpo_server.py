@@ -141,3 +141,28 @@ def test_killed_trainer_resumes_with_the_same_data_and_completions(setup):
     assert _series(got, 'step') == [1, 2, 3, 4, 5]
     for key in ('loss', 'grad_norm', 'reward'):
         assert _series(got, key)[2:] == _series(want, key)[2:], (key, _series(got, key), _series(want, key))
+
+
+def _completions(out: Path) -> dict[int, list[str]]:
+    by_generation: dict[int, list[str]] = {}
+    for row in read_jsonl(out / 'completions.jsonl'):
+        by_generation.setdefault(row['generation'], []).append(row['completion'])
+    return by_generation
+
+
+def test_async_generate_is_one_generation_behind(setup):
+    """--async_generate: generation 2 is sampled while generation 1 trains, from the weights before that training.
+    With a learning rate too small to change a sample, async and sync generate the same text (same prompts, seeds
+    and order); with a real one, async's generation 2 is the one the untrained weights give, sync's is not."""
+    root = setup['root']
+    flags = ('--max_steps', '3', '--save_steps', '1000', '--log_completions', 'true')
+    _run(setup, root / 'sync_frozen', *flags, '--lr', '1e-12', '--min_lr', '0')
+    _run(setup, root / 'async_frozen', *flags, '--lr', '1e-12', '--min_lr', '0', '--async_generate', 'true')
+    _run(setup, root / 'sync', *flags)
+    logs = _run(setup, root / 'async', *flags, '--async_generate', 'true')
+    frozen, async_frozen = _completions(root / 'sync_frozen'), _completions(root / 'async_frozen')
+    sync, async_ = _completions(root / 'sync'), _completions(root / 'async')
+    assert frozen == async_frozen and sorted(frozen) == [1, 2, 3]
+    assert sync[1] == async_[1] == frozen[1]          # the first generation: the initial weights in every run
+    assert async_[2] == frozen[2] and sync[2] != frozen[2]  # one generation behind / trained once
+    assert all(r['time/rollout_wait'] >= 0 for r in logs if 'time/rollout' in r)

@@ -16,6 +16,12 @@ A generation (every ``--steps_per_generation x --num_iterations`` steps):
    run the frozen passes once for all of them: the reference (``--beta`` > 0) and the old policy (when a batch
    trains more than one step).
 
+``--async_generate``: generation k + 1 runs in a thread of rank 0 (the colocated engine or the server) while
+generation k trains; it starts right after the weights are pushed, so it samples from the policy one generation
+behind (verl's one-step-off; the loss's ratio is against the old log-probs the trainer computes when the batch
+arrives). ``time/rollout_wait`` is how long training waited for it. A checkpoint taken with a generation under
+way draws its prompts again on resume (generated from the resumed weights: not bit-exact across that resume).
+
 Logged at the step that generated: reward mean/std (total and per function), advantage std, completion lengths
 (mean/min/max) and the share cut by ``--max_completion_length``, groups dropped by dynamic sampling, and the time
 split ``time/weight_sync``, ``time/rollout``, ``time/reward``, ``time/logps`` (frozen passes), ``time/train``.
@@ -52,6 +58,8 @@ class GrpoTrainer(Trainer):
         self.buffer: list[list[dict]] = []  # this rank's micro-batches of each remaining step of the generation
         self.generations = 0
         self.source = None
+        self._inflight = None   # --async_generate: (prompt ids, rank 0's future) of the generation under way
+        self._executor = None
 
     def setup(self, resume_dir=None) -> None:
         super().setup(resume_dir)
@@ -61,12 +69,15 @@ class GrpoTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {**super().state_dict(), 'grpo': {'generations': self.generations, 'steps_left': len(self.buffer)}}
+        return {**super().state_dict(), 'grpo': {'generations': self.generations, 'steps_left': len(self.buffer),
+                                                 'inflight': self._inflight is not None}}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         grpo = state.get('grpo', {})
         self.generations = int(grpo.get('generations', 0))
+        if grpo.get('inflight'):  # its prompts are drawn again (and generated from the resumed weights)
+            self.sampler.consumed -= self.args.prompts_per_generation
         if grpo.get('steps_left'):
             logger.warning('the checkpoint was saved %d steps before the end of a generation batch: training goes '
                            'on with the next generation batch', grpo['steps_left'])
@@ -151,14 +162,54 @@ class GrpoTrainer(Trainer):
                          'labels': np.asarray([IGNORE_INDEX] * len(prompt_ids) + labels, dtype=np.int64)})
         return seqs
 
+    def _sync(self) -> float:
+        """Push the policy's weights to the engine (every rank takes part); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self._on_rank0(lambda: None)  # every rank here before the weight push
+        self.source.sync(self.models, self.parallel)
+        return time.perf_counter() - t0
+
+    def _launch(self) -> None:
+        """--async_generate: draw the next prompts (every rank) and generate them in a thread of rank 0."""
+        need = self.args.prompts_per_generation
+        draw = self.sampler.consumed // need
+        prompt_ids = self.sampler.next_step()
+        future = None
+        if self.parallel.rank == 0:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix='grpo-generate')
+            future = self._executor.submit(self._draw, draw, prompt_ids)
+        self._inflight = (prompt_ids, future)
+
+    def _next_generation(self) -> tuple[dict, dict]:
+        """The generation batch and its metrics. With ``--async_generate`` it is the batch generated in the background
+        while the previous one trained (from the weights before that training: one generation off-policy; the
+        loss's ratio is against the old log-probs the trainer computes now), and the next one is launched at once
+        on the weights just pushed."""
+        if not self.args.async_generate:
+            t_sync = self._sync()
+            gen, metrics = self._generate()
+            return gen, {**metrics, 'time/weight_sync': t_sync}
+        t_sync = 0.0
+        if self._inflight is None:  # the first generation (or the first after a resume): nothing prefetched
+            t_sync += self._sync()
+            self._launch()
+        prompt_ids, future = self._inflight
+        t0 = time.perf_counter()
+        batch = self._on_rank0(lambda: future.result())
+        wait = time.perf_counter() - t0
+        self._inflight = None
+        t_sync += self._sync()
+        self._launch()
+        gen = self._assemble([(batch, p) for p in range(len(prompt_ids))])
+        return gen, {'time/rollout': batch['time/rollout'], 'time/reward': batch['time/reward'],
+                     'time/rollout_wait': wait, 'time/weight_sync': t_sync}
+
     def _refill(self) -> dict:
         """Generate the next batch and fill ``self.buffer``; returns the generation's metrics."""
         a, ctx = self.args, self.parallel
-        t0 = time.perf_counter()
-        self._on_rank0(lambda: None)  # every rank here before the weight push
-        self.source.sync(self.models, ctx)
-        t_sync = time.perf_counter() - t0
-        gen, metrics = self._generate()
+        gen, metrics = self._next_generation()
         self.generations += 1
         if a.log_completions and self.is_main_process:
             self._log_completions(gen)
@@ -175,7 +226,6 @@ class GrpoTrainer(Trainer):
         self.run_frozen_models([b for step in steps for b in step])
         self.buffer = [step for _ in range(a.num_iterations) for step in steps]
         metrics['time/logps'] = time.perf_counter() - t1
-        metrics['time/weight_sync'] = t_sync
         return {**metrics, **generation_metrics(gen, self.args.reward_funcs)}
 
     def _log_completions(self, gen: dict) -> None:
@@ -219,6 +269,14 @@ class GrpoTrainer(Trainer):
         try:
             return super().train()
         finally:
+            if self._inflight is not None and self._inflight[1] is not None:
+                self._inflight[1].cancel()
+                try:
+                    self._inflight[1].result()  # a generation under way finishes before the engine closes
+                except Exception:  # noqa: BLE001 - the run is over; its error (if any) was not needed
+                    pass
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
             if self.source is not None:
                 self.source.close()
 
