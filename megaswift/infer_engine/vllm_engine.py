@@ -91,9 +91,10 @@ class VllmEngine(InferEngine):
 
     # ------------------------------------------------------------------ inference
     def _sampling_params(self, rc: RequestConfig, **extra):
-        """``extra``: more ``SamplingParams`` fields (the rollout engine asks for log-probs)."""
+        """``extra``: more ``SamplingParams`` fields (the rollout engine asks for log-probs). vLLM refuses n > 1
+        with greedy sampling: it is asked for one completion, which ``infer`` repeats n times."""
         return self._vllm.SamplingParams(
-            n=rc.n,
+            n=1 if rc.temperature == 0 else rc.n,
             temperature=rc.temperature,
             top_p=rc.top_p,
             top_k=rc.top_k if rc.top_k and rc.top_k > 0 else 0,  # 0 disables top-k in vLLM >= 0.10
@@ -125,16 +126,19 @@ class VllmEngine(InferEngine):
                 raise RuntimeError(f'vLLM returned {len(results)} outputs for {len(idx)} conversations')
             for i, res in zip(idx, results):
                 outputs[i] = res
-        return [self._to_response(res) for res in outputs]
+        return [self._to_response(res, request_config.n or 1) for res in outputs]
 
-    def _to_response(self, res) -> ChatCompletionResponse:
+    def _to_response(self, res, n: int = 1) -> ChatCompletionResponse:
+        outs = sorted(res.outputs, key=lambda o: o.index)
+        if len(outs) == 1 and n > 1:  # greedy: the one completion is every choice
+            outs = outs * n
         choices = []
         completion_tokens = 0
-        for out in sorted(res.outputs, key=lambda o: o.index):
+        for index, out in enumerate(outs):
             token_ids = list(out.token_ids)
             completion_tokens += len(token_ids)
             choices.append(ChatCompletionChoice(
-                index=out.index, message=ChatMessage(role='assistant', content=out.text),
+                index=index, message=ChatMessage(role='assistant', content=out.text),
                 finish_reason=out.finish_reason, token_ids=token_ids))
         prompt_tokens = len(res.prompt_token_ids or [])
         return ChatCompletionResponse(

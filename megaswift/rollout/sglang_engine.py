@@ -35,13 +35,12 @@ import os
 import random
 import threading
 import zlib
-from pathlib import Path
 
 from ..infer_engine.base import require_package
 from ..infer_engine.protocol import RequestConfig
 from ..infer_engine.sglang_engine import SglangEngine, _finish_reason
 from .engine import SamplingRequest, TransformersRolloutEngine
-from .weight_sync import WeightSyncError, named_group_name
+from .weight_sync import WeightSyncError, checkpoint_params, named_group_name
 
 logger = logging.getLogger(__name__)
 
@@ -96,22 +95,6 @@ def split_completions(outputs: list[dict], ns: list[int]) -> list[list[dict]]:
         results.append([completion(o) for o in outputs[start:start + n]])
         start += n
     return results
-
-
-def checkpoint_params(model_dir: str) -> dict:
-    """HF name -> a meta tensor of its shape, from the checkpoint's safetensors headers: what a push may send.
-    ``lm_head.weight`` is also allowed when tied (the checkpoint then omits it). Empty without safetensors."""
-    import torch
-    from safetensors import safe_open
-    params = {}
-    for path in sorted(Path(model_dir).glob('*.safetensors')):
-        with safe_open(str(path), 'pt') as f:
-            for name in f.keys():
-                params[name] = torch.empty(f.get_slice(name).get_shape(), device='meta')
-    embed = params.get('model.embed_tokens.weight')
-    if embed is not None and 'lm_head.weight' not in params:
-        params['lm_head.weight'] = embed
-    return params
 
 
 def _check(result, what: str) -> None:

@@ -23,34 +23,16 @@ weight-sync calls.
 """
 from __future__ import annotations
 
-import glob
 import logging
-import os
 import threading
 
 from ..infer_engine.protocol import RequestConfig
 from .engine import SamplingRequest, TransformersRolloutEngine
-from .weight_sync import WeightSyncError
+from .weight_sync import WeightSyncError, checkpoint_params
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = 'megaswift.rollout.vllm_worker_extension.WeightSyncWorkerExtension'
-
-
-def checkpoint_params(model_dir: str) -> dict:
-    """HF name -> a meta tensor of its shape, from the safetensors headers in ``model_dir`` (what a push may
-    send; a tied ``lm_head.weight`` too, with the embedding's shape); empty without safetensors files."""
-    import torch
-    from safetensors import safe_open
-    params = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, '*.safetensors'))):
-        with safe_open(path, framework='pt') as f:
-            for name in f.keys():
-                params[name] = torch.empty(f.get_slice(name).get_shape(), device='meta')
-    embed = params.get('model.embed_tokens.weight')
-    if embed is not None:
-        params.setdefault('lm_head.weight', embed)
-    return params
 
 
 class VllmRolloutEngine:

@@ -257,6 +257,24 @@ def push_weights(models, client, *, parallel=None, bucket_mb: float = DEFAULT_BU
 
 
 # ---------------------------------------------------------------- server side
+def checkpoint_params(model_dir: str) -> dict:
+    """HF name -> a meta tensor of its shape, from the safetensors headers in ``model_dir``: what a push may send to
+    an engine that keeps no such table of its own (vLLM, SGLang); a tied ``lm_head.weight`` too, with the
+    embedding's shape. Empty without safetensors files."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    params = {}
+    for path in sorted(Path(model_dir).glob('*.safetensors')):
+        with safe_open(str(path), framework='pt') as f:
+            for name in f.keys():
+                params[name] = torch.empty(f.get_slice(name).get_shape(), device='meta')
+    embed = params.get('model.embed_tokens.weight')
+    if embed is not None:
+        params.setdefault('lm_head.weight', embed)
+    return params
+
+
 class WeightReceiver:
     """The server's end of the group: ``join`` at ``/init_communicator``, ``receive`` per ``/update_weights``."""
 

@@ -123,3 +123,13 @@ def test_sample_pipeline_with_the_vllm_engine(tiny_llama_dir, tmp_path, tiny_eng
                                          output_file='v.jsonl'))
     lines = [json.loads(x) for x in open(path)]
     assert len(lines) == 15 and {x['solution'] for x in lines} == {str(i) for i in range(5)}
+
+
+def test_greedy_with_n_gives_n_equal_choices(tiny_engine):
+    """vLLM refuses n > 1 at temperature 0; the engine asks for one greedy completion and repeats it (the OpenAI
+    route's `n` at temperature 0 answered 500 before)."""
+    responses = tiny_engine.infer(_requests(QUESTIONS[:2]), RequestConfig(n=3, max_tokens=6, temperature=0.0))
+    for resp in responses:
+        assert [c.index for c in resp.choices] == [0, 1, 2]
+        assert len({tuple(c.token_ids) for c in resp.choices}) == 1
+        assert resp.usage.completion_tokens == 3 * len(resp.choices[0].token_ids)

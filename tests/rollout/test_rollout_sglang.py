@@ -35,10 +35,11 @@ import torch
 
 from megaswift.rollout.client import RolloutClient
 from megaswift.rollout.engine import SamplingRequest
-from megaswift.rollout.sglang_engine import (SGLangRolloutEngine, check_sglang, checkpoint_params, completion,
+from megaswift.rollout.sglang_engine import (SGLangRolloutEngine, check_sglang, completion,
                                              sglang_requests, split_completions)
-from megaswift.rollout.weight_sync import (WeightReceiver, WeightSyncError, broadcast, broadcast_device, drop_group,
-                                           join_named_group, named_group_name, nbytes, unflatten)
+from megaswift.rollout.weight_sync import (WeightReceiver, WeightSyncError, broadcast, broadcast_device,  # noqa: E402
+                                           checkpoint_params, drop_group, join_named_group, named_group_name, nbytes,
+                                           unflatten)
 from test_rollout import PROMPT, _env, _max_diff, models  # noqa: F401 - the tiny models A and B (a fixture)
 
 HERE = Path(__file__).resolve().parent
