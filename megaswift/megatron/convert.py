@@ -92,11 +92,24 @@ def global_name(name: str, offsets: dict) -> str:
     return name
 
 
-def _model_tensors(model):
-    """(global mcore name, tensor) for every parameter of a chunk (tied weights once)."""
+def _model_tensors(model, lora: Optional[str] = None):
+    """(global mcore name, tensor) for every parameter of a chunk (tied weights once).
+
+    ``lora`` (a model with LoRA adapters): 'merged' gives every adapted base weight as ``W + scaling * B @ A``
+    (this rank's shard; the model is not changed) and leaves the adapters out; 'adapted' gives those merged
+    weights only (what changes in LoRA training)."""
     offsets = layer_offsets(model)
+    adapted = {}
+    if lora is not None:
+        adapted = {id(m.weight): m for m in model.modules() if hasattr(m, 'lora_merged_weight')}
     for name, param in model.named_parameters():
-        yield global_name(name, offsets), param
+        if lora is not None and ('.lora_A.' in name or '.lora_B.' in name):
+            continue
+        module = adapted.get(id(param))
+        if module is not None:
+            yield global_name(name, offsets), module.lora_merged_weight()
+        elif lora != 'adapted':
+            yield global_name(name, offsets), param
 
 
 @torch.no_grad()
@@ -117,15 +130,16 @@ def load_hf_weights(models, hf_dir: str, *, parallel: Optional[ParallelContext] 
         ckpt.close()
 
 
-def _mapped_tensors(models):
-    """(mcore name, tensor, weight rule, global layer, weight context) for every tensor of this rank's models."""
+def _mapped_tensors(models, lora: Optional[str] = None):
+    """(mcore name, tensor, weight rule, global layer, weight context) for every tensor of this rank's models
+    (``lora`` as in ``_model_tensors``)."""
     for model in models:
         model = unwrap_model(model)
         info = model.megaswift_info
         ctx = info.weight_context()
         wmap = info.family.weight_map(info.hf_config)
         value_head = has_value_head(model)
-        for name, param in _model_tensors(model):
+        for name, param in _model_tensors(model, lora):
             rule, layer = wmap.match(name)
             if value_head and name == 'output_layer.weight':
                 rule = value_head_rule()
@@ -158,10 +172,10 @@ def _load_one(ckpt, rule, layer, name, param, ctx, tp_rank, tp_size):
     param.data.copy_(local.to(dtype=param.dtype))
 
 
-def _owned_units(models):
+def _owned_units(models, lora: Optional[str] = None):
     """unit -> [(rule, global layer or None, param, ctx)] for this rank; units: "embedding", layer ints, "final"."""
     units = {}
-    for name, param, rule, layer, ctx in _mapped_tensors(models):
+    for name, param, rule, layer, ctx in _mapped_tensors(models, lora):
         if not rule.export:
             continue
         unit = layer if layer is not None else ('embedding' if name.startswith('embedding.') else 'final')
@@ -171,17 +185,20 @@ def _owned_units(models):
 
 
 @torch.no_grad()
-def iter_hf_weights(models, *, parallel: Optional[ParallelContext] = None) -> Iterator[tuple]:
+def iter_hf_weights(models, *, parallel: Optional[ParallelContext] = None,
+                    adapted_only: bool = False) -> Iterator[tuple]:
     """Yield ``(hf_name, full CPU tensor)`` in HF order on global rank 0; other ranks yield nothing.
 
     Every rank must run the iterator to the end: the TP gathers and the pipeline-stage -> rank 0
-    transfers happen inside, one layer at a time. ``parallel`` as in ``load_hf_weights``.
+    transfers happen inside, one layer at a time. ``parallel`` as in ``load_hf_weights``. A model with LoRA
+    adapters yields its adapted weights merged (``W + scaling * B @ A``, as ``merge_lora``; the model is not
+    changed); ``adapted_only``: only those (a rollout engine that holds the base weights needs nothing else).
     """
     parallel = parallel if parallel is not None else ParallelContext.from_megatron()
     dist = torch.distributed
     tp_group, pp_group = parallel.tp_group, parallel.pp_group
     tp_rank, tp_size, pp_rank, rank = parallel.tp_rank, parallel.tp_size, parallel.pp_rank, parallel.rank
-    units, wmap, num_layers = _owned_units(models)
+    units, wmap, num_layers = _owned_units(models, 'adapted' if adapted_only else 'merged')
     owned = [None] * parallel.pp_size
     dist.all_gather_object(owned, sorted(units, key=str), group=pp_group)
     owner = {u: stage for stage, us in enumerate(owned) for u in us}
@@ -189,6 +206,8 @@ def iter_hf_weights(models, *, parallel: Optional[ParallelContext] = None) -> It
     device = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
     for unit in ['embedding', *range(num_layers), 'final']:
         if unit not in owner:
+            if adapted_only:  # nothing adapted in it
+                continue
             raise WeightLoadError(f'no pipeline stage holds {unit!r}')
         stage = owner[unit]
         tensors = {}

@@ -225,16 +225,27 @@ def _send_bucket(client, group, bucket: Bucket, last: bool, device) -> dict:
     return box['reply']
 
 
-def push_weights(models, client, *, parallel=None, bucket_mb: float = DEFAULT_BUCKET_MB) -> int | None:
+def has_lora(models) -> bool:
+    from ..megatron import unwrap_model
+    return any(hasattr(m, 'lora_merged_weight') for model in models for m in unwrap_model(model).modules())
+
+
+def push_weights(models, client, *, parallel=None, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 adapted_only: bool | None = None) -> int | None:
     """Push the megatron-core ``models`` (this rank's chunks) to the rollout server. Every rank of the trainer
     calls this (the TP/PP gathers need them all); ``client`` is used on global rank 0 only and may be None
     elsewhere. Returns the server's new weights version on rank 0, None on the other ranks.
+
+    A model with LoRA adapters sends its adapted weights only, merged (``W + scaling * B @ A``): the server holds
+    the base model, whose other weights LoRA training never changes (``adapted_only``: None = so when the models
+    have adapters).
 
     A failure on rank 0 (the server died or refused a bucket) is raised on every rank as ``WeightSyncError``,
     after the remaining gathers ran (so no rank is left waiting in one)."""
     from ..megatron.convert import iter_hf_weights
     dist = torch.distributed
-    pairs = iter_hf_weights(models, parallel=parallel)
+    adapted_only = has_lora(models) if adapted_only is None else adapted_only
+    pairs = iter_hf_weights(models, parallel=parallel, adapted_only=adapted_only)
     rank = dist.get_rank() if dist.is_initialized() else 0
     error, version = None, None
     if rank == 0:

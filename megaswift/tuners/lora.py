@@ -189,10 +189,14 @@ class LoraParallelLinear:
         return sd
 
     @torch.no_grad()
+    def lora_merged_weight(self) -> torch.Tensor:
+        """``W + scaling * B @ A`` on this rank's shard (computed in fp32, in W's dtype); W is left as it is."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
+        return (self.weight.float() + self.lora_scaling * delta).to(self.weight.dtype)
+
     def lora_merge_and_unload(self):
         """W += scaling * B @ A on this rank's shard (in fp32), then become the plain base layer again."""
-        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()
-        self.weight.copy_((self.weight.float() + self.lora_scaling * delta).to(self.weight.dtype))
+        self.weight.copy_(self.lora_merged_weight())
         self.lora_unload()
 
     def lora_unload(self):

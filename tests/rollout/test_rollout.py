@@ -119,6 +119,17 @@ def test_push_advances_version_and_matches_trainer(synced):
     assert r['push_s'] < 30
 
 
+def test_lora_push_sends_the_adapted_weights_merged(synced):
+    r = synced['tp1']['lora']
+    assert r['version'] == r['base_version'] + 1 == r['sample']['weights_version']
+    # linear_qkv -> q/k/v_proj, linear_fc2 -> down_proj of every layer; nothing else (embedding, norms, o/gate/up)
+    assert r['sent'] and all(n.endswith(('q_proj.weight', 'k_proj.weight', 'v_proj.weight', 'down_proj.weight'))
+                             for n in r['sent']), r['sent']
+    assert set(r['sent']) < set(r['all']) and not any('lora' in n for n in r['all'])
+    assert _max_diff(r['sample']['logprobs'], r['mcore']) <= 1e-4  # the adapted model, served
+    assert _max_diff(r['sample']['logprobs'], r['mcore_base']) > 1e-2  # not the base
+
+
 def test_push_from_tp2_and_pp2_equals_tp1(synced):
     tp1, lay = synced['tp1'], synced['layouts']
     # first a push the server refused: both ranks raised (none left in a gather), nothing changed on the server

@@ -69,7 +69,29 @@ def world1(setup, client) -> dict:
     after = out['after'] = sample(client, prompt, max_tokens)
     out['mcore_b'], _ = mcore_token_logprobs(models_b, prompt + after['token_ids'], len(prompt))
     out['info_after'] = client.info()
+    out['lora'] = lora_push(setup, client, ctx)
     client.close_communicator()
+    return out
+
+
+def lora_push(setup, client, ctx) -> dict:
+    """Model A pushed whole (the base), then A with LoRA adapters (B random, so they change the model): the second
+    push sends only the adapted weights, merged; the server then serves the adapted model."""
+    from megaswift.megatron.convert import iter_hf_weights
+    from megaswift.tuners.lora import LoraConfig, add_lora, lora_modules
+    models = load(setup['model_a'], ctx)
+    out = {'base_version': client.push_weights(models, ctx)}
+    add_lora(models, LoraConfig(rank=4, alpha=8.0, target_modules=('linear_qkv', 'linear_fc2')), parallel=ctx)
+    g = torch.Generator().manual_seed(0)
+    for _, module, _ in lora_modules(models):
+        module.lora_B.weight.data.copy_(torch.randn(module.lora_B.weight.shape, generator=g) * 0.5)
+    out['sent'] = [name for name, _ in iter_hf_weights(models, parallel=ctx, adapted_only=True)]
+    out['all'] = [name for name, _ in iter_hf_weights(models, parallel=ctx)]
+    out['version'] = client.push_weights(models, ctx)
+    s = out['sample'] = sample(client, setup['prompt'], setup['max_tokens'])
+    out['mcore'], _ = mcore_token_logprobs(models, setup['prompt'] + s['token_ids'], len(setup['prompt']))
+    base = load(setup['model_a'], ctx)  # negative control: the base model on the same tokens
+    out['mcore_base'], _ = mcore_token_logprobs(base, setup['prompt'] + s['token_ids'], len(setup['prompt']))
     return out
 
 

@@ -47,7 +47,8 @@ class ColocateSource:
     def sync(self, models, parallel) -> int | None:
         """Every rank calls this; rank 0 copies the gathered tensors into its engine, bucket by bucket."""
         from ...megatron.convert import iter_hf_weights
-        pairs = iter_hf_weights(models, parallel=parallel)
+        from ...rollout.weight_sync import has_lora
+        pairs = iter_hf_weights(models, parallel=parallel, adapted_only=has_lora(models))  # LoRA: merged, adapted
         if self.engine is None:
             for _ in pairs:  # drive the gathers this rank takes part in
                 pass
