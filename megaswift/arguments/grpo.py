@@ -44,11 +44,16 @@ class GrpoArguments:
     async_generate: bool = False          # generate the next batch while this one trains (one generation off-policy)
     log_completions: bool = False         # <output_dir>/completions.jsonl: prompt, completion, rewards, advantage
     log_entropy: bool = True              # entropy of the sampling distribution on completion tokens
+    multi_turn_scheduler: str | None = None  # multi-turn rollouts: a name in trainers/grpo/multi_turn.py's registry
+    max_turns: int | None = None          # with --multi_turn_scheduler: at most this many assistant turns
 
     def _check(self):
         if getattr(self, 'rlhf_type', None) != 'grpo':
             if self.reward_funcs:
                 raise ArgumentError(f"--reward_funcs is a GRPO option; --rlhf_type {self.rlhf_type} takes none")
+            if self.multi_turn_scheduler or self.max_turns is not None:
+                raise ArgumentError(f'--multi_turn_scheduler / --max_turns are GRPO options; --rlhf_type '
+                                    f'{self.rlhf_type} takes none')
             return
         from ..trainers.grpo.advantages import ADVANTAGE_ESTIMATORS, SCALE_REWARDS
         from ..trainers.grpo.losses import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
@@ -102,9 +107,23 @@ class GrpoArguments:
             raise ArgumentError(f'--save_steps {self.save_steps}: a checkpoint must fall between generation batches '
                                 f'(every steps_per_generation x num_iterations = {per_generation} steps) to resume '
                                 f'exactly')
+        self._check_multi_turn()
         if self.rollout_api_key is None:
             import os
             self.rollout_api_key = os.environ.get('MEGASWIFT_API_KEY') or None
+
+    def _check_multi_turn(self):
+        if self.max_turns is not None and not self.multi_turn_scheduler:
+            raise ArgumentError('--max_turns needs --multi_turn_scheduler (the scheduler of the later turns)')
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ArgumentError(f'--max_turns must be >= 1, got {self.max_turns}')
+        if self.multi_turn_scheduler:
+            from ..trainers.grpo.multi_turn import multi_turns
+            from ..utils.plugins import import_external_plugins
+            import_external_plugins(getattr(self, 'external_plugins', []))  # (once; their schedulers registered)
+            if self.multi_turn_scheduler not in multi_turns:
+                raise ArgumentError(f"--multi_turn_scheduler: unknown '{self.multi_turn_scheduler}' (registered: "
+                                    f"{', '.join(sorted(multi_turns))}; more with --external_plugins)")
 
     @property
     def prompts_per_generation(self) -> int:

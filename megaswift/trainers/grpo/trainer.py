@@ -8,6 +8,7 @@ A generation (every ``--steps_per_generation x --num_iterations`` steps):
 2. draw ``generation_batch_size / num_generations`` prompts (the sampler's position is the resumable data
    position) and have global rank 0 generate ``--num_generations`` completions of each, every prompt with its own
    seed ``(--seed, draw, prompt index)``, so a resumed run generates the same completions from the same weights;
+   with ``--multi_turn_scheduler`` each completion goes on as a conversation, turn by turn (``multi_turn.py``);
 3. score them with ``--reward_funcs`` (weighted by ``--reward_weights``) and turn the rewards into advantages
    (``advantages.py``); ``--dynamic_sample`` drops groups whose rewards are all equal and draws more prompts, at
    most ``--max_resample_times`` times (then fills up with dropped groups);
@@ -45,6 +46,7 @@ from ..rollout import sample_seed
 from .advantages import compute_advantages, zero_std_groups
 from ...rollout.weight_sync import RolloutError
 from .generation import broadcast_from_rank0, build_source, generate_checked
+from .multi_turn import BATCH_KEYS, build_multi_turn
 from .rewards import RewardSet
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class GrpoTrainer(Trainer):
         super().__init__(*a, **kw)
         self.prompts = prompts
         self.rewards = RewardSet(self.args.reward_funcs, self.args.reward_weights) if self.is_main_process else None
+        self.multi_turn = build_multi_turn(self.args, self.data.tokenizer, self.data.collator.max_length //
+                                           self.args.micro_batch_size) if self.is_main_process else None
         self.buffer: list[list[dict]] = []  # this rank's micro-batches of each remaining step of the generation
         self.generations = 0
         self.source = None
@@ -107,15 +111,21 @@ class GrpoTrainer(Trainer):
                      'seed': sample_seed(a.seed, draw, i)} for i in prompt_ids]
         t0 = time.perf_counter()
         results = generate_checked(self.source, requests)
+        convs = self.multi_turn.run(self.source, self.prompts, prompt_ids, requests, results) if self.multi_turn \
+            else None
         t1 = time.perf_counter()
         owners = [i for i, comps in zip(prompt_ids, results) for _ in comps]
         token_ids = [c['token_ids'] for comps in results for c in comps]
         texts = self.data.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
-        per_func = self.rewards.score(texts, self.prompts.reward_columns(owners, token_ids))
+        columns = self.prompts.reward_columns(owners, token_ids)
+        if convs is not None:  # the final conversations (--multi_turn_scheduler)
+            texts, columns = self.multi_turn.reward_inputs(convs, columns)
+        per_func = self.rewards.score(texts, columns)
         return {'prompt_ids': prompt_ids, 'token_ids': token_ids, 'texts': texts,
                 'finish': [c['finish_reason'] for comps in results for c in comps],
                 'per_func': per_func.tolist(), 'total': self.rewards.total(per_func).tolist(),
-                'time/rollout': t1 - t0, 'time/reward': time.perf_counter() - t1}
+                'time/rollout': t1 - t0, 'time/reward': time.perf_counter() - t1,
+                **(self.multi_turn.batch_columns(convs) if convs is not None else {})}
 
     def _generate(self) -> tuple[dict, dict]:
         """The generation batch (on every rank) and its metrics."""
@@ -141,11 +151,12 @@ class GrpoTrainer(Trainer):
 
     def _assemble(self, groups: list[tuple[dict, int]]) -> dict:
         g = self.args.num_generations
-        out = {k: [] for k in ('prompt', 'token_ids', 'texts', 'finish', 'per_func', 'total')}
+        keys = ('token_ids', 'texts', 'finish', 'per_func', 'total') + tuple(k for k in BATCH_KEYS if k in groups[0][0])
+        out = {k: [] for k in ('prompt',) + keys}
         for batch, p in groups:
             rows = range(p * g, (p + 1) * g)
             out['prompt'] += [batch['prompt_ids'][p]] * g
-            for k in ('token_ids', 'texts', 'finish', 'per_func', 'total'):
+            for k in keys:
                 out[k] += [batch[k][r] for r in rows]
         total = torch.tensor(out['total'], dtype=torch.float64).reshape(len(groups), g)
         out['advantages'] = compute_advantages(total, self.args.advantage_estimator,
@@ -154,10 +165,13 @@ class GrpoTrainer(Trainer):
 
     def _sequences(self, gen: dict) -> list[dict]:
         seqs = []
-        for prompt, ids, finish in zip(gen['prompt'], gen['token_ids'], gen['finish']):
+        masks = gen.get('gen_mask') or [None] * len(gen['token_ids'])  # multi-turn: 1 on generated tokens
+        for prompt, ids, finish, mask in zip(gen['prompt'], gen['token_ids'], gen['finish'], masks):
             prompt_ids = self.prompts.ids[prompt]
             trained = not (self.args.overlong_filter and finish == 'length')
             labels = ids if trained else [IGNORE_INDEX] * len(ids)
+            if mask is not None and trained:
+                labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
             seqs.append({'input_ids': np.asarray(prompt_ids + ids, dtype=np.int64),
                          'labels': np.asarray([IGNORE_INDEX] * len(prompt_ids) + labels, dtype=np.int64)})
         return seqs
@@ -234,9 +248,10 @@ class GrpoTrainer(Trainer):
         with path.open('a', encoding='utf-8') as f:
             for k, text in enumerate(gen['texts']):
                 prompt = self.prompts.prompts[gen['prompt'][k]]
+                turns = {'conversation': gen['conversation'][k], 'turns': gen['turns'][k]} if 'turns' in gen else {}
                 f.write(json.dumps({'step': self.state.global_step + 1, 'generation': self.generations,
                                     'prompt': prompt.messages, 'completion': text, 'finish_reason': gen['finish'][k],
-                                    'rewards': dict(zip(self.args.reward_funcs, gen['per_func'][k])),
+                                    **turns, 'rewards': dict(zip(self.args.reward_funcs, gen['per_func'][k])),
                                     'reward': gen['total'][k], 'advantage': gen['advantages'][k]},
                                    ensure_ascii=False) + '\n')
 
@@ -284,12 +299,15 @@ class GrpoTrainer(Trainer):
 def generation_metrics(gen: dict, names: list[str]) -> dict[str, float]:
     total = torch.tensor(gen['total'], dtype=torch.float64)
     per_func = torch.tensor(gen['per_func'], dtype=torch.float64)
-    lengths = torch.tensor([len(t) for t in gen['token_ids']], dtype=torch.float64)
+    lengths = torch.tensor([sum(m) for m in gen['gen_mask']] if 'gen_mask' in gen else  # generated tokens
+                           [len(t) for t in gen['token_ids']], dtype=torch.float64)
     out = {'reward': total.mean().item(), 'reward_std': _std(total),
            'advantages/std': _std(torch.tensor(gen['advantages'], dtype=torch.float64)),
            'completions/mean_length': lengths.mean().item(), 'completions/min_length': lengths.min().item(),
            'completions/max_length': lengths.max().item(),
            'completions/clipped_ratio': sum(f == 'length' for f in gen['finish']) / max(len(gen['finish']), 1)}
+    if 'turns' in gen:
+        out['completions/mean_turns'] = sum(gen['turns']) / max(len(gen['turns']), 1)
     for k, name in enumerate(names):
         out[f'rewards/{name}/mean'] = per_func[:, k].mean().item()
         out[f'rewards/{name}/std'] = _std(per_func[:, k])
