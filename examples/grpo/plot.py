@@ -14,14 +14,14 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
-RUNS = (('colocate', 'colocate (transformers engine in the trainer)'),
-        ('server', 'server (megaswift rollout, weights pushed every step)'))
+RUNS = (('colocate', 'colocate (transformers engine in the trainer)', 4.0),
+        ('server', 'server (megaswift rollout, weights pushed every step)', 1.5))  # wide under narrow: both show
 
 
 def main(out_dir: str, png: str) -> None:
     out = Path(out_dir)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, label in RUNS:
+    for name, label, width in RUNS:
         log = out / name / 'logging.jsonl'
         if not log.exists():
             continue
@@ -32,7 +32,7 @@ def main(out_dir: str, png: str) -> None:
         line, = ax.plot(steps, rewards, alpha=0.35, marker='.')
         after = out / f'after_{name}.json'
         held = f'; held-out {json.loads(after.read_text())["pass_rate"]:.1%}' if after.exists() else ''
-        ax.plot(steps, smooth, color=line.get_color(), label=f'{label}{held}')
+        ax.plot(steps, smooth, color=line.get_color(), linewidth=width, label=f'{label}{held}')
     before = out / 'before.json'
     if before.exists():
         ax.axhline(json.loads(before.read_text())['pass_rate'], color='gray', linestyle='--',
