@@ -27,7 +27,8 @@ from testing_utils import build_tiny_model, start_rollout_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-PROMPT = [1, 504, 3458, 282, 4195, 314, 260, 2397, 28, 30]
+# longer than a KV block (vLLM's 128 on CPU): a stale cached prefix would show in the log-probs of later tokens
+PROMPT = [1, 504, 3458, 282, 4195, 314, 260, 2397, 28, 30] + [100 + (i * 7919) % 40000 for i in range(140)]
 KEY = 'sk-rollout-test'
 
 
@@ -136,9 +137,10 @@ def test_push_from_tp2_and_pp2_equals_tp1(synced):
     assert 'no communicator' in lay['refused_rank0'] and synced['url'] in lay['refused_rank0']
     assert lay['refused_rank1'].startswith('WeightSyncError: weight sync failed on rank 0') and \
         'no communicator' in lay['refused_rank1']
-    assert lay['info_after_refused']['weights_version'] == tp1['pushed_version']
+    last = tp1['lora']['version']  # the TP=1 trainer's last push (A + LoRA)
+    assert lay['info_after_refused']['weights_version'] == last
     # TP=2 pushed A back: the server serves what it loaded from A's HF checkpoint
-    assert lay['tp2']['pushed_version'] == tp1['pushed_version'] + 1 == lay['tp2']['weights_version']
+    assert lay['tp2']['pushed_version'] == last + 1 == lay['tp2']['weights_version']
     assert lay['tp2']['token_ids'] == tp1['before']['token_ids']
     assert _max_diff(lay['tp2']['logprobs'], tp1['before']['logprobs']) <= 1e-6
     # PP=2 pushed B: the server serves what the TP=1 push of B gave
