@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell cat setup.py requirements/*.txt | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast test-vllm cuda-check bench clean
+.PHONY: install slurm demo test test-fast test-vllm cuda-check bench clean
 
 install: $(STAMP)
 
@@ -29,7 +29,15 @@ demo: install
 	$(PY) examples/sft/before_after.py HuggingFaceTB/SmolLM2-135M-Instruct sft_output/demo/checkpoint-20
 	$(VENV)/bin/megaswift sample examples/sft/sample_finetuned.yaml
 
-test: install
+# Debian's slurm-wlm for the tests that run the launch/slurm scripts on a two-node Slurm on 127.0.0.1
+# (tests/launch/); installed only as root with apt, otherwise those tests skip and say why.
+slurm:
+	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null; }; \
+	  } || echo "slurm-wlm not installed (needs root and apt): the Slurm tests will skip"; }
+
+test: install slurm
 	$(PY) tools/check_cuda_compile.py
 	$(PY) -m pytest tests -q -x --durations=15
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
-from ..utils.dist import rank
+from ..utils.dist import rank, report_failure
 from ..utils.errors import UserError
 from ..utils.registry import did_you_mean
-from .launch import torchrun_argv
+from ..utils.slurm import apply_srun_env
+from .launch import run_torchrun, torchrun_argv
 from .parser import CLIError, parse_args, usage
 
 
@@ -69,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cmd = COMMANDS[name]
     if cmd.torchrun and (relaunch := torchrun_argv(name, rest)):
-        return subprocess.call(relaunch, env=os.environ.copy())
+        return run_torchrun(relaunch)
     args_cls = _load(cmd.arguments)
     if any(a in ('-h', '--help') for a in rest):
         print(usage(args_cls, name))
         return 0
     from ..utils.logging import setup_logging
+    try:
+        apply_srun_env()  # `srun megaswift ...`, one task per rank: RANK, WORLD_SIZE, ... from SLURM_*
+    except UserError as e:
+        print(f'megaswift {name}: error: {e}', file=sys.stderr)
+        return 1
     setup_logging()
     try:
         args = parse_args(args_cls, rest)
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank() == 0:  # under torchrun every rank fails alike: say it once
             print(f'megaswift {name}: error: {e}', file=sys.stderr)
         return 1
+    except Exception as e:
+        report_failure(e, f'megaswift {name}')  # which rank failed, on which host
+        raise
     return 0
 
 

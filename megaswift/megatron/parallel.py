@@ -80,6 +80,8 @@ def _free_port() -> int:
 def _init_process_group() -> None:
     if torch.distributed.is_initialized():
         return
+    from ..utils.slurm import apply_srun_env
+    apply_srun_env()  # `srun` with one task per rank: the torchrun variables from SLURM_*
     if 'RANK' not in os.environ:  # a plain `python` launch: write the torchrun environment of a world of one
         os.environ.setdefault('RANK', '0')
         os.environ.setdefault('WORLD_SIZE', '1')

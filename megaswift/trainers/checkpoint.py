@@ -316,12 +316,28 @@ def check_optimizer_compatible(state: dict, args, path: Path) -> None:
                               f'--no_load_optim true to continue with a fresh optimizer')
 
 
+def check_same_checkpoint_on_every_rank(path: Path) -> None:
+    """Every rank resumes the same step: ``--resume_from_checkpoint true`` reads the tracker on each node, and a
+    node whose view of a shared file system lags (or a node-local --output_dir) would otherwise pick another."""
+    from ..utils.dist import initialized_dist
+    dist = initialized_dist()
+    if dist is None or dist.get_world_size() == 1:
+        return
+    import socket
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (str(Path(path).resolve()), socket.gethostname()))
+    if len({p for p, _ in seen}) > 1:
+        raise CheckpointError('the ranks would resume from different checkpoints: ' + '; '.join(
+            f'rank {r} on {host}: {p}' for r, (p, host) in enumerate(seen)))
+
+
 def load_checkpoint(parts: CheckpointParts, path: Path) -> dict:
     """Restore model, optimizer and RNG from ``path`` (an ``iter_*`` directory); returns the loop's saved state
     (step, scheduler, data position) for the trainer to apply."""
     from megatron.core import dist_checkpointing
 
     from ..megatron.checkpoint import load_mcore_checkpoint
+    check_same_checkpoint_on_every_rank(path)
     state = read_trainer_state(path)
     check_optimizer_compatible(state, parts.args, path)
     load_mcore_checkpoint([unwrap_model(m) for m in parts.models], path)

@@ -24,6 +24,7 @@ from .data import StepSampler, eval_micro_batches, rank_micro_batches
 from .eval_metrics import build_eval_metrics, compute_eval_metrics
 from .loss import global_token_count
 from .objectives import ModelOutput, Objective, build_objective
+from .preemption import Preemption
 from .rollout import Rollout
 
 logger = logging.getLogger(__name__)
@@ -345,23 +346,26 @@ class Trainer:
             _call(cb, 'on_train_begin', self)
         self._train_start = time.perf_counter()
         window: list[dict] = []
-        while state.global_step < state.max_steps:
-            for cb in self.callbacks:
-                _call(cb, 'on_step_begin', self)
-            out = self.train_step()
-            state.global_step += 1
-            state.epoch = self.sampler.epoch
-            window.append(out)
-            for cb in self.callbacks:
-                _call(cb, 'on_step_end', self)
-            step, last = state.global_step, state.global_step == state.max_steps
-            if step % args.logging_steps == 0 or last:
-                self.log(self._step_logs(window))
-                window = []
-            if self.data.val_num_items and (step % args.eval_steps == 0 or last):
-                self.log({'step': step, **self.evaluate()})
-            if step % args.save_steps == 0 or (last and args.save_last):
-                self.save()
+        with Preemption() as preemption:
+            while state.global_step < state.max_steps:
+                for cb in self.callbacks:
+                    _call(cb, 'on_step_begin', self)
+                out = self.train_step()
+                state.global_step += 1
+                state.epoch = self.sampler.epoch
+                window.append(out)
+                for cb in self.callbacks:
+                    _call(cb, 'on_step_end', self)
+                step, last = state.global_step, state.global_step == state.max_steps
+                if step % args.logging_steps == 0 or last:
+                    self.log(self._step_logs(window))
+                    window = []
+                if self.data.val_num_items and (step % args.eval_steps == 0 or last):
+                    self.log({'step': step, **self.evaluate()})
+                if saved := step % args.save_steps == 0 or (last and args.save_last):
+                    self.save()
+                if preemption.stop_now(self, saved):  # SIGTERM / SIGUSR1 on any rank: checkpoint, stop
+                    break
         for cb in self.callbacks:
             _call(cb, 'on_train_end', self)
         return state
@@ -416,16 +420,12 @@ def _window_metrics(window: list[dict]) -> dict:
     totals: dict[str, list] = {}
     for w in window:
         for name, (s, c) in w.get('objective', {}).items():
-            acc = totals.setdefault(name, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += c
+            totals[name] = [t + v for t, v in zip(totals.get(name, (0.0, 0.0)), (s, c))]
     return {name: s / max(c, 1.0) for name, (s, c) in totals.items()}
 
 
 def _call(cb, name: str, *a) -> None:
-    fn = getattr(cb, name, None)
-    if fn is not None:
-        fn(*a)
+    getattr(cb, name, lambda *_: None)(*a)
 
 
 def _jsonable(v) -> bool:

@@ -49,3 +49,19 @@ def barrier() -> None:
     dist = initialized_dist()
     if dist:
         dist.barrier()
+
+
+def report_failure(exc: BaseException, prefix: str = 'megaswift') -> None:
+    """In a launch of several processes, print ``<prefix>: rank R of W on HOST failed: Type: message`` once per
+    exception, so that the first failure of a multi-node job is named in its merged log (the other ranks then fail
+    in their collectives, or are killed by the launcher before they could say more)."""
+    if getattr(exc, '_megaswift_reported', False) or world_size() == 1:
+        return
+    import socket
+    host = os.environ.get('SLURMD_NODENAME') or socket.gethostname()
+    print(f'{prefix}: rank {rank()} of {world_size()} on {host} failed: {type(exc).__name__}: {exc}',
+          file=sys.stderr, flush=True)
+    try:
+        exc._megaswift_reported = True
+    except AttributeError:  # pragma: no cover - built-in exceptions without __dict__
+        pass
