@@ -72,6 +72,23 @@ GRPO = dict(reward_funcs=['vowel_share'], num_generations=4, global_batch_size=8
 CONTROL = dict(loss_type=['dapo'], beta=0.0, num_iterations=1, max_steps=2)
 
 
+# LoRA: two generations of two steps; every generation's first step must see the engine holding the merged adapters
+LORA_SYNC = dict(tuner_type='lora', lora_dropout=0.0, lr=5e-2, min_lr=5e-2, num_iterations=1, beta=0.0)
+
+
+def stale_engine():
+    """Negative control: the colocated engine keeps the weights of its first sync."""
+    from megaswift.trainers.grpo import generation
+    real = generation.ColocateSource.sync
+
+    def first_only(self, models, parallel):
+        if self.version is None:
+            return real(self, models, parallel)
+        return self.version
+    generation.ColocateSource.sync = first_only
+    return lambda: setattr(generation.ColocateSource, 'sync', real)
+
+
 def grpo(setup, work, name, **overrides):
     case(setup, work, name, command='rlhf', rlhf_type='grpo', dataset=[setup['prompts']], **{**GRPO, **overrides})
 
@@ -83,6 +100,12 @@ def world1(setup, work):
     grpo(setup, work, 'grpo8', max_steps=8)
     grpo(setup, work, 'grpo8_resume', max_steps=8, resume_from_checkpoint=str(work / 'grpo8' / 'iter_0000004'))
     grpo(setup, work, 'control', model=setup['stopping_model'], **CONTROL)
+    grpo(setup, work, 'lora', **LORA_SYNC)
+    restore = stale_engine()
+    try:
+        grpo(setup, work, 'lora_negative_no_sync', **LORA_SYNC)
+    finally:
+        restore()
 
 
 def world2(setup, work):

@@ -69,6 +69,19 @@ def test_reused_batch_uses_old_log_probs_and_the_reference(results):
         trajectory(results, 'grpo')['metrics']['clip_ratio/region_mean']
 
 
+def test_engine_holds_the_pushed_weights(results):
+    """rollout/logp_diff (trainer vs engine log-probs of the sampled tokens): ~0 on the first step of every
+    generation — also with LoRA, whose adapted weights the engine gets merged — and clearly not once the policy has
+    moved (later steps of a generation; every later step when the engine is never synced again). Step 1's
+    learning rate is 0 (one warm-up step)."""
+    one_generation = trajectory(results, 'grpo')['metrics']['rollout/logp_diff']
+    assert one_generation[0] <= 1e-5 and one_generation[2] > 1e-3, one_generation
+    lora = trajectory(results, 'lora')['metrics']['rollout/logp_diff']
+    assert lora[0] <= 1e-5 and lora[2] <= 1e-5 and lora[3] > 1e-3, lora
+    stale = trajectory(results, 'lora_negative_no_sync')['metrics']['rollout/logp_diff']
+    assert stale[0] <= 1e-5 and stale[2] > 1e-3, stale
+
+
 def test_resume_continues_exactly(results):
     full, resumed = trajectory(results, 'grpo8'), trajectory(results, 'grpo8_resume')
     assert resumed['step'] == full['step'] == [1, 2, 3, 4, 5, 6, 7, 8]  # steps 1-4: the checkpoint's log history

@@ -122,6 +122,7 @@ class GrpoTrainer(Trainer):
             texts, columns = self.multi_turn.reward_inputs(convs, columns)
         per_func = self.rewards.score(texts, columns)
         return {'prompt_ids': prompt_ids, 'token_ids': token_ids, 'texts': texts,
+                'logprobs': [c['logprobs'] for comps in results for c in comps],
                 'finish': [c['finish_reason'] for comps in results for c in comps],
                 'per_func': per_func.tolist(), 'total': self.rewards.total(per_func).tolist(),
                 'time/rollout': t1 - t0, 'time/reward': time.perf_counter() - t1,
@@ -151,7 +152,8 @@ class GrpoTrainer(Trainer):
 
     def _assemble(self, groups: list[tuple[dict, int]]) -> dict:
         g = self.args.num_generations
-        keys = ('token_ids', 'texts', 'finish', 'per_func', 'total') + tuple(k for k in BATCH_KEYS if k in groups[0][0])
+        keys = ('token_ids', 'logprobs', 'texts', 'finish', 'per_func', 'total') + tuple(
+            k for k in BATCH_KEYS if k in groups[0][0])
         out = {k: [] for k in ('prompt',) + keys}
         for batch, p in groups:
             rows = range(p * g, (p + 1) * g)
@@ -229,14 +231,13 @@ class GrpoTrainer(Trainer):
             self._log_completions(gen)
         t1 = time.perf_counter()
         seqs = self._sequences(gen)
+        engine = None if 'gen_mask' in gen else engine_logprobs(gen, self.prompts.ids)  # (single-turn only)
         collator, gbs, mbs = self.data.collator, a.global_batch_size, a.micro_batch_size
         steps = []
         for s in range(a.steps_per_generation):
             step = list(range(s * gbs, (s + 1) * gbs))
-            mine = rank_micro_batches(step, ctx.dp_rank, ctx.dp_size, mbs)
-            steps.append([to_device(collator.collate([seqs[i] for i in mb],
-                                                     {'advantages': [('sample', gen['advantages'][i]) for i in mb]}),
-                                    self.device) for mb in mine])
+            steps.append([to_device(collator.collate([seqs[i] for i in mb], batch_columns(gen, engine, mb)),
+                                    self.device) for mb in rank_micro_batches(step, ctx.dp_rank, ctx.dp_size, mbs)])
         self.run_frozen_models([b for step in steps for b in step])
         self.buffer = [step for _ in range(a.num_iterations) for step in steps]
         metrics['time/logps'] = time.perf_counter() - t1
@@ -294,6 +295,22 @@ class GrpoTrainer(Trainer):
                 self._executor.shutdown(wait=True)
             if self.source is not None:
                 self.source.close()
+
+
+def batch_columns(gen: dict, engine: list | None, samples: list[int]) -> dict:
+    """The collator's extra columns of a micro-batch of ``samples``: ``advantages`` (one per completion) and, when
+    known, ``rollout_logps`` (per token)."""
+    columns = {'advantages': [('sample', gen['advantages'][i]) for i in samples]}
+    if engine is not None:
+        columns['rollout_logps'] = [('sequence', [engine[i]]) for i in samples]
+    return columns
+
+
+def engine_logprobs(gen: dict, prompt_ids: list[list[int]]) -> list[np.ndarray]:
+    """Each sequence's rollout-engine log-probs laid out like the shifted labels (position t: the log-prob of token
+    t + 1; 0 elsewhere), for the loss's ``rollout/logp_diff``."""
+    return [np.asarray([0.0] * (len(prompt_ids[p]) - 1) + list(lp) + [0.0], dtype=np.float32)
+            for p, lp in zip(gen['prompt'], gen['logprobs'])]
 
 
 def generation_metrics(gen: dict, names: list[str]) -> dict[str, float]:

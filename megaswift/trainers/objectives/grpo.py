@@ -9,8 +9,9 @@ with ``advantages`` (one per completion) and, from the frozen passes, ``ref_logp
 Log-probs are those of the sampling distribution, the logits divided by ``--temperature`` (as TRL), computed with
 the fused linear cross entropy on the completion positions (no ``N x V`` logits). The loss is
 ``trainers/grpo/losses.py`` (the formulas, each loss type's normaliser). Logged: ``kl`` (k3, when ``--beta`` > 0),
-``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (token shares) and ``entropy`` (mean
-per completion token, computed without gradient in chunks).
+``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (token shares), ``entropy`` (mean
+per completion token, computed without gradient in chunks) and ``rollout/logp_diff`` (mean |trainer - engine|
+log-prob of the sampled tokens, at temperature 1: ~0 on a generation's first step unless the engine is stale).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class GrpoObjective(Objective):
         self.frozen_models = (('ref',) if self.beta else ()) + (('policy',) if self.uses_old_logps else ())
         self.log_entropy = bool(getattr(args, 'log_entropy', True))
         self.train_metrics = ('loss', 'kl', 'clip_ratio/low_mean', 'clip_ratio/high_mean', 'clip_ratio/region_mean',
-                              'entropy')
+                              'entropy', 'rollout/logp_diff')
 
     def count(self, batch: dict) -> dict[str, int]:
         return {'tokens': int((batch['labels'] != IGNORE_INDEX).sum()), 'sequences': int(batch['num_sequences']),
@@ -82,8 +83,18 @@ class GrpoObjective(Objective):
                    'clip_ratio/low_mean': metric_pair(low, n), 'clip_ratio/high_mean': metric_pair(high, n),
                    'clip_ratio/region_mean': metric_pair(low + high, n),
                    'entropy': metric_pair(self._entropy_sum(output, batch['labels'] != IGNORE_INDEX)
-                                          if self.log_entropy else zero, n if self.log_entropy else zero)}
+                                          if self.log_entropy else zero, n if self.log_entropy else zero),
+                   'rollout/logp_diff': self._engine_diff(logps, batch, mask, n)}
         return loss, torch.tensor(int(logps.numel()), dtype=torch.int), metrics
+
+    def _engine_diff(self, logps: torch.Tensor, batch: dict, mask: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Mean |log-prob of the policy now - the rollout engine's| over the completion tokens: ~0 on a generation's
+        first step (the engine holds the pushed weights; a shifted or stale engine shows here), growing as the
+        policy moves. The engine reports the raw distribution, so only at ``--temperature`` 1."""
+        if 'rollout_logps' not in batch or self.temperature != 1.0:
+            return metric_pair(n.new_zeros(()), n.new_zeros(()))
+        engine = batch['rollout_logps'][mask].to(logps.dtype)
+        return metric_pair((logps.detach() - engine).abs().sum(), n)
 
     @torch.no_grad()
     def _entropy_sum(self, output: ModelOutput, mask: torch.Tensor) -> torch.Tensor:
