@@ -12,9 +12,11 @@ TOTAL_SHARDS=${TOTAL_SHARDS:-$NUM_SHARDS}
 OUTPUT_DIR=${OUTPUT_DIR:-sample_output}
 NAME=${NAME:-shards}
 pids=()
+# every shard is a process of its own, a world of one (also inside an srun step, whose SLURM_* variables
+# would otherwise make megaswift take it for a rank of the step)
 for ((i = 0; i < NUM_SHARDS; i++)); do
   s=$((FIRST_SHARD + i))
-  CUDA_VISIBLE_DEVICES=$i megaswift sample "$@" --output_dir "$OUTPUT_DIR" \
+  RANK=0 WORLD_SIZE=1 CUDA_VISIBLE_DEVICES=$i megaswift sample "$@" --output_dir "$OUTPUT_DIR" \
     --data_range "$s" "$TOTAL_SHARDS" --output_file "$NAME.shard${s}of${TOTAL_SHARDS}.jsonl" &
   pids+=($!)
 done

@@ -2,9 +2,11 @@
 (torchrun per node, c10d rendezvous) follow the single-process trajectory; so does one ``srun`` task per rank
 (megaswift maps SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID itself); ``scancel`` after a checkpoint
 stops the job with a checkpoint of the step it was on, and resubmitting continues the same trajectory; a rank
-that raises ends the job within seconds, its rank, host and error in the log."""
+that raises ends the job within seconds, its rank, host and error in the log; ``sample.sbatch`` shards a dataset
+over the nodes and merges the shards."""
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_follows, log_tail, wait_job
+from testing_utils import read_jsonl
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +103,25 @@ def test_failing_rank_fails_the_job_fast(slurm, train_setup, tmp_path):
     assert stamp.exists(), text[-4000:]
     assert ended - float(stamp.read_text()) < 60, text[-4000:]
     assert 'rank 1 of 2 on n2 failed: RuntimeError: injected failure' in text, text[-4000:]
+
+
+def test_sample_sbatch_shards_over_nodes_and_merges(slurm, train_setup, tmp_path):
+    """``sample.sbatch`` as shipped, 2 nodes x 1 shard: shards 0of2 and 1of2, merged in dataset order, every prompt
+    with its --num_return_sequences samples."""
+    rows = read_jsonl(train_setup['dataset'])[:7]
+    data = tmp_path / 'seven.jsonl'
+    data.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    env = {**slurm, 'GPUS_PER_NODE': '1', 'OUTPUT_DIR': str(tmp_path / 'out'), 'MEGASWIFT_HOME': str(REPO)}
+    proc = subprocess.run(['sbatch', '--parsable', str(REPO / 'launch' / 'slurm' / 'sample.sbatch'), '--model',
+                           train_setup['model'], '--dataset', str(data), '--num_return_sequences', '2',
+                           '--max_new_tokens', '4', '--torch_dtype', 'float32'], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(';')[0]
+    log = tmp_path / f'megaswift-sample-{job}.out'
+    assert wait_job(job, env) == 'COMPLETED', log_tail(log)
+    assert sorted(p.name for p in (tmp_path / 'out').glob('shards.shard*.jsonl')) == \
+        ['shards.shard0of2.jsonl', 'shards.shard1of2.jsonl']
+    merged = read_jsonl(tmp_path / 'out' / 'shards.jsonl')
+    assert [m['messages'][0]['content'] for m in merged] == \
+        [r['messages'][0]['content'] for r in rows for _ in range(2)]
