@@ -166,3 +166,23 @@ def test_async_generate_is_one_generation_behind(setup):
     assert sync[1] == async_[1] == frozen[1]          # the first generation: the initial weights in every run
     assert async_[2] == frozen[2] and sync[2] != frozen[2]  # one generation behind / trained once
     assert all(r['time/rollout_wait'] >= 0 for r in logs if 'time/rollout' in r)
+
+
+def test_a_reward_model_is_a_reward_function(setup):
+    """--reward_funcs takes a reward-model directory (an *ForSequenceClassification checkpoint, as `rlhf --rlhf_type
+    rm` writes) next to registry names, weighted by --reward_weights; logged under the directory's name."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    root = setup['root']
+    rm_dir = root / 'tiny_rm'
+    config = AutoConfig.from_pretrained(setup['model'], num_labels=1)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(setup['model']).save_pretrained(rm_dir)
+    logs = _run(setup, root / 'with_rm', '--max_steps', '1', '--save_steps', '1000', '--log_completions', 'true',
+                '--reward_funcs', str(rm_dir), 'vowel_share', '--reward_weights', '0.5', '1')
+    step = logs[0]
+    assert step['rewards/tiny_rm/std'] > 0 and step['rewards/vowel_share/std'] > 0  # scores spread over completions
+    rows = read_jsonl(root / 'with_rm' / 'completions.jsonl')
+    for row in rows:
+        assert row['reward'] == pytest.approx(0.5 * row['rewards']['tiny_rm'] + row['rewards']['vowel_share'])

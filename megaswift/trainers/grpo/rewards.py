@@ -8,8 +8,15 @@ from typing import Any
 
 import torch
 
-from ...rewards import get_orm, score_completions
+from ...rewards import get_orm, looks_like_model, orms, score_completions
 from ...utils.errors import ArgumentError
+
+
+def reward_labels(names: list[str]) -> list[str]:
+    """How each of ``--reward_funcs`` is named in logs (``rewards/<label>/mean``, completions.jsonl): a registry
+    name as it is, a reward-model directory by its last path component."""
+    import os
+    return [os.path.basename(os.path.normpath(n)) if n not in orms and looks_like_model(n) else n for n in names]
 
 
 class RewardSet:

@@ -47,7 +47,7 @@ from .advantages import compute_advantages, zero_std_groups
 from ...rollout.weight_sync import RolloutError
 from .generation import broadcast_from_rank0, build_source, generate_checked
 from .multi_turn import BATCH_KEYS, build_multi_turn
-from .rewards import RewardSet
+from .rewards import RewardSet, reward_labels
 
 logger = logging.getLogger(__name__)
 
@@ -241,18 +241,19 @@ class GrpoTrainer(Trainer):
         self.run_frozen_models([b for step in steps for b in step])
         self.buffer = [step for _ in range(a.num_iterations) for step in steps]
         metrics['time/logps'] = time.perf_counter() - t1
-        return {**metrics, **generation_metrics(gen, self.args.reward_funcs)}
+        return {**metrics, **generation_metrics(gen, reward_labels(self.args.reward_funcs))}
 
     def _log_completions(self, gen: dict) -> None:
         path = Path(self.args.output_dir) / 'completions.jsonl'
         path.parent.mkdir(parents=True, exist_ok=True)
+        labels = reward_labels(self.args.reward_funcs)
         with path.open('a', encoding='utf-8') as f:
             for k, text in enumerate(gen['texts']):
                 prompt = self.prompts.prompts[gen['prompt'][k]]
                 turns = {'conversation': gen['conversation'][k], 'turns': gen['turns'][k]} if 'turns' in gen else {}
                 f.write(json.dumps({'step': self.state.global_step + 1, 'generation': self.generations,
                                     'prompt': prompt.messages, 'completion': text, 'finish_reason': gen['finish'][k],
-                                    **turns, 'rewards': dict(zip(self.args.reward_funcs, gen['per_func'][k])),
+                                    **turns, 'rewards': dict(zip(labels, gen['per_func'][k])),
                                     'reward': gen['total'][k], 'advantage': gen['advantages'][k]},
                                    ensure_ascii=False) + '\n')
 
