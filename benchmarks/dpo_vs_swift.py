@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, finish, log_tail, measured_run, megaswift_entry,  # noqa: E402
                              require_clis, resolve_model)
 from results_csv import RESULTS_CSV  # noqa: E402
-from train_vs_swift import DATASET, read_jsonl  # noqa: E402
+from train_vs_swift import DATASET, read_jsonl, run_logs  # noqa: E402
 
 MAX_LENGTH = 512
 PAIRS_PER_STEP = 8
@@ -83,9 +83,7 @@ def command(variant, model_dir, data, out_dir):
 
 def parse(tool, out_dir, steps):
     """(train_s, optimizer steps) from the tool's logging.jsonl, or None unless it trained ``steps`` steps."""
-    logs = []
-    for p in sorted(Path(out_dir).rglob('logging.jsonl')):
-        logs += read_jsonl(p)
+    logs = run_logs(out_dir)
     if tool == 'megaswift':
         done = [r for r in logs if 'elapsed_s' in r]
         return (float(done[-1]['elapsed_s']), int(done[-1]['step'])) if done and done[-1]['step'] == steps else None

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_vs_swift import (MAIN_PY, ROOT, SWIFT_VENV, finish, log_tail, measured_run, megaswift_entry,  # noqa: E402
                              require_clis, resolve_model)
 from results_csv import RESULTS_CSV  # noqa: E402
-from train_vs_swift import read_jsonl  # noqa: E402
+from train_vs_swift import run_logs  # noqa: E402
 
 PROMPTS = ROOT / 'examples' / 'rlhf' / 'data' / 'train.jsonl'
 GENERATIONS, PROMPTS_PER_STEP, MAX_NEW = 4, 4, 32
@@ -54,9 +54,7 @@ def command(variant, model_dir, data, out_dir, steps, url=None):
 
 def parse(tool, out_dir, steps):
     """(train_s, split means or {}) from the tool's logs, or None unless it trained ``steps`` steps."""
-    logs = []
-    for p in sorted(Path(out_dir).rglob('logging.jsonl')):
-        logs += read_jsonl(p)
+    logs = run_logs(out_dir)
     if tool == 'megaswift':
         done = [r for r in logs if 'elapsed_s' in r]
         if not done or done[-1]['step'] != steps:

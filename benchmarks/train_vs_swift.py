@@ -98,11 +98,17 @@ def parse_megaswift(out_dir):
     return float(logs[-1]['elapsed_s']), int(round(tokens)), int(logs[-1]['step'])
 
 
-def parse_swift(out_dir):
-    """(train_s, real tokens, steps) from swift's logging.jsonl (output_dir/v*-*/logging.jsonl)."""
+def run_logs(out_dir) -> list[dict]:
+    """Every logging.jsonl row under ``out_dir`` (swift writes output_dir/v*-*/logging.jsonl)."""
     logs = []
     for p in sorted(Path(out_dir).rglob('logging.jsonl')):
         logs += read_jsonl(p)
+    return logs
+
+
+def parse_swift(out_dir):
+    """(train_s, real tokens, steps) from swift's logging.jsonl (output_dir/v*-*/logging.jsonl)."""
+    logs = run_logs(out_dir)
     final = [r for r in logs if 'train_runtime' in r]
     seen = [r['num_input_tokens_seen'] for r in logs if 'num_input_tokens_seen' in r]
     if not final:

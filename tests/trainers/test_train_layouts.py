@@ -55,6 +55,13 @@ def max_diff(a, b) -> float:
     return max(abs(x - y) for x, y in zip(a, b))
 
 
+def assert_same_trajectory(case: str, got: dict, want: dict, grad_norm_rtol: float = GRAD_NORM_RTOL) -> None:
+    """``got``'s losses within LOSS_TOL of ``want``'s, its gradient norms within ``grad_norm_rtol`` relative."""
+    assert max_diff(got['loss'], want['loss']) <= LOSS_TOL, (case, got['loss'], want['loss'])
+    rel = max(abs(x - y) / y for x, y in zip(got['grad_norm'], want['grad_norm']))
+    assert rel <= grad_norm_rtol, (case, got['grad_norm'], want['grad_norm'])
+
+
 LAYOUTS = [('tp2', 'ref'), ('tp2_sp', 'ref'), ('pp2', 'ref'), ('pp2_vpp2', 'ref'), ('dp2', 'ref'),
            ('dp2_distopt', 'ref'), ('tp2_ls', 'ref_ls'), ('tp2_sp_qwen2', 'ref_qwen2'),
            ('ref_mbs2', 'ref'), ('nopack_padded', 'nopack_padding_free'),
@@ -68,9 +75,7 @@ LAYOUTS = [('tp2', 'ref'), ('tp2_sp', 'ref'), ('pp2', 'ref'), ('pp2_vpp2', 'ref'
 @pytest.mark.parametrize('case, ref', LAYOUTS)
 def test_layout_follows_single_process_trajectory(results, case, ref):
     got, want = trajectory(results, case), trajectory(results, ref)
-    assert max_diff(got['loss'], want['loss']) <= LOSS_TOL, (case, got['loss'], want['loss'])
-    rel = max(abs(x - y) / y for x, y in zip(got['grad_norm'], want['grad_norm']))
-    assert rel <= GRAD_NORM_RTOL, (case, got['grad_norm'], want['grad_norm'])
+    assert_same_trajectory(case, got, want)
     assert max_diff(got['lr'], want['lr']) <= 1e-12
     if ref != 'refkl':  # (the reference-KL penalty holds the total near its start: see the test below)
         assert got['loss'][-1] < got['loss'][0] - 0.3  # it learns (lr 1e-3)
