@@ -42,8 +42,9 @@ def torchrun_argv(command: str, argv: list[str]) -> list[str] | None:
 def run_torchrun(argv: list[str]) -> int:
     """Run the torchrun command line and return its exit code. SIGUSR1 (sbatch ``--signal``) is ignored here and
     in the torchrun agent (whose default action would be to die and take the workers along); the training
-    workers install their own handler (``trainers/preemption.py``). SIGTERM and SIGINT are passed on to the
-    agent, which stops its workers, except inside an ``srun`` step, where Slurm signals every process itself."""
+    workers install their own handler (``trainers/preemption.py``). SIGTERM is passed on to the agent, which
+    stops its workers, except inside an ``srun`` step, where Slurm signals every process itself; Ctrl-C reaches
+    every process of the terminal's group, so here it only keeps this process waiting for the agent."""
     import signal
     import subprocess
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -51,7 +52,7 @@ def run_torchrun(argv: list[str]) -> int:
     in_step = bool(os.environ.get('SLURM_STEP_ID'))
 
     def forward(signum, _frame):
-        if not in_step:
+        if signum == signal.SIGTERM and not in_step:
             child.send_signal(signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
