@@ -34,7 +34,8 @@ demo: install
 slurm:
 	@command -v slurmctld >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null 2>&1 || \
-	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null; }; \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm >/dev/null; }; \
 	  } || echo "slurm-wlm not installed (needs root and apt): the Slurm tests will skip"; }
 
 test: install slurm

@@ -58,9 +58,12 @@ CONF
   done
   for t in $(seq 1 300); do  # 30 s; a daemon that died (bad config, busy port) fails at once, with its log
     for f in "$D"/run/*.mypid; do
-      kill -0 "$(cat "$f")" 2> /dev/null || { echo "$(basename "$f" .mypid) died" >&2; tail -n 20 "$D"/log/*.out >&2; exit 1; }
+      kill -0 "$(cat "$f")" 2> /dev/null && continue
+      echo "$(basename "$f" .mypid) died" >&2; tail -n 20 "$D"/log/*.out >&2; exit 1
     done
-    if [ "$(timeout 2 sinfo -h -N -t idle -o %N 2> /dev/null | wc -l)" -ge "$N" ]; then
+    # (the controller that answers must be this one, not another cluster's on the same port)
+    if timeout 2 scontrol show config 2> /dev/null | grep -q "^StateSaveLocation *= $D/state\$" &&
+      [ "$(timeout 2 sinfo -h -N -t idle -o %N 2> /dev/null | wc -l)" -ge "$N" ]; then
       echo "slurm up: $N nodes idle after $((t / 10)).$((t % 10)) s"; return 0
     fi
     sleep 0.1
