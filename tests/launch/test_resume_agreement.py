@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from launch_utils import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_follows, log_tail, wait_job
+from launch_utils import assert_follows, log_tail, wait_job
 from testing_utils import read_jsonl
 
 pytestmark = pytest.mark.slow

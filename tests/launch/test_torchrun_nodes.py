@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_follows, base_env, free_port
+from launch_utils import assert_follows, base_env, free_port
 
 pytestmark = pytest.mark.slow
 SFT_SH = Path(__file__).resolve().parents[2] / 'launch' / 'torchrun' / 'sft.sh'
