@@ -20,11 +20,15 @@ class AlwaysAsk(MultiTurnScheduler):
 
 
 class TurnCount(ORM):
-    """The ``turns`` column (1 when absent: single-turn GRPO); checks that ``messages`` ends with a user turn."""
+    """The ``turns`` column (1 when absent: single-turn GRPO); in multi-turn GRPO checks that ``messages`` (the
+    conversation before the last turn) ends with a user turn. (Registered for the whole test session: it must
+    also take the generic call of tests/rewards.)"""
 
     def __call__(self, completions, turns=None, messages=None, **columns):
+        if turns is None:
+            return [1.0] * len(completions)
         assert all(m[-1]['role'] == 'user' for m in messages)
-        return [float(t) for t in turns] if turns is not None else [1.0] * len(completions)
+        return [float(t) for t in turns]
 
 
 multi_turns['ask_once'] = AskOnce

@@ -152,8 +152,8 @@ class GrpoTrainer(Trainer):
 
     def _assemble(self, groups: list[tuple[dict, int]]) -> dict:
         g = self.args.num_generations
-        keys = ('token_ids', 'logprobs', 'texts', 'finish', 'per_func', 'total') + tuple(
-            k for k in BATCH_KEYS if k in groups[0][0])
+        keys = ('token_ids', 'texts', 'finish', 'per_func', 'total') + tuple(
+            k for k in ('logprobs', *BATCH_KEYS) if k in groups[0][0])
         out = {k: [] for k in ('prompt',) + keys}
         for batch, p in groups:
             rows = range(p * g, (p + 1) * g)
@@ -231,7 +231,7 @@ class GrpoTrainer(Trainer):
             self._log_completions(gen)
         t1 = time.perf_counter()
         seqs = self._sequences(gen)
-        engine = None if 'gen_mask' in gen else engine_logprobs(gen, self.prompts.ids)  # (single-turn only)
+        engine = engine_logprobs(gen, self.prompts.ids) if 'logprobs' in gen and 'gen_mask' not in gen else None
         collator, gbs, mbs = self.data.collator, a.global_batch_size, a.micro_batch_size
         steps = []
         for s in range(a.steps_per_generation):
