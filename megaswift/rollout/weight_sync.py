@@ -161,6 +161,16 @@ def buckets(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> Iter
     yield cur  # the last one (maybe empty): it carries ``last``
 
 
+def buckets_with_last(pairs: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> Iterator[tuple[Bucket, bool]]:
+    """``buckets`` with whether each is the last one (the one that carries ``last``: version bump, cache reset)."""
+    it = buckets(pairs, bucket_mb)
+    bucket = next(it)
+    while bucket is not None:
+        nxt = next(it, None)  # look ahead: the last bucket is the one with no successor
+        yield bucket, nxt is None
+        bucket = nxt
+
+
 def unflatten(flat: torch.Tensor, layout: dict) -> list[tuple[str, torch.Tensor]]:
     out, off = [], 0
     for name, shape, dtype in zip(layout['names'], layout['shapes'], layout['dtypes']):
@@ -180,13 +190,9 @@ def push_named_tensors(client, pairs: Iterable[tuple[str, torch.Tensor]],
         raise WeightSyncError(f'no communicator with the rollout server at {client.base_url}: '
                               'call client.init_communicator() first')
     device = broadcast_device(getattr(client, 'protocol', 'megaswift'), client.backend)
-    it = buckets(pairs, bucket_mb)
-    bucket = next(it)
     reply = None
-    while bucket is not None:
-        nxt = next(it, None)  # look ahead: the last bucket is the one with no successor
-        reply = _send_bucket(client, group, bucket, last=nxt is None, device=device)
-        bucket = nxt
+    for bucket, last in buckets_with_last(pairs, bucket_mb):
+        reply = _send_bucket(client, group, bucket, last=last, device=device)
     return int(reply['weights_version'])
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ...rollout.weight_sync import DEFAULT_BUCKET_MB, RolloutError, WeightSyncError, buckets
+from ...rollout.weight_sync import DEFAULT_BUCKET_MB, RolloutError, WeightSyncError, buckets_with_last
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,9 @@ class ColocateSource:
             for _ in pairs:  # drive the gathers this rank takes part in
                 pass
             return None
-        it = buckets(pairs, self.bucket_mb)
-        bucket = next(it)
-        while bucket is not None:
-            nxt = next(it, None)
+        for bucket, last in buckets_with_last(pairs, self.bucket_mb):
             self.engine.check_layout(bucket.layout())
-            self.version = self.engine.load_weights(list(zip(bucket.names, bucket.tensors)), last=nxt is None)
-            bucket = nxt
+            self.version = self.engine.load_weights(list(zip(bucket.names, bucket.tensors)), last=last)
         return self.version
 
     def close(self) -> None:
@@ -78,8 +74,11 @@ class ServerSource:
         if is_rank0:
             from ...rollout import RolloutClient
             self.client = RolloutClient(url, api_key=api_key, read_timeout=timeout)
-            info = self.client.wait_ready(timeout=min(timeout, 120.0)) and self.client.info()
+            self.client.wait_ready(timeout=min(timeout, 120.0))
+            info = self.client.info()
             logger.info('rollout server %s: %s', url, info)
+            if self.bucket_mb is None:  # the server's --weight_sync_bucket_mb (only rank 0 makes buckets)
+                self.bucket_mb = float(info.get('weight_sync_bucket_mb', DEFAULT_BUCKET_MB))
             self.client.init_communicator(host=communicator_host)
 
     def generate(self, requests: list[dict]) -> dict:
@@ -87,10 +86,8 @@ class ServerSource:
 
     def sync(self, models, parallel) -> int | None:
         from ...rollout.weight_sync import push_weights
-        bucket_mb = self.bucket_mb
-        if self.client is not None and bucket_mb is None:
-            bucket_mb = float(self.client.info().get('weight_sync_bucket_mb', DEFAULT_BUCKET_MB))
-        self.version = push_weights(models, self.client, parallel=parallel, bucket_mb=bucket_mb or DEFAULT_BUCKET_MB)
+        self.version = push_weights(models, self.client, parallel=parallel,
+                                    bucket_mb=self.bucket_mb or DEFAULT_BUCKET_MB)
         return self.version
 
     def close(self) -> None:
