@@ -336,7 +336,7 @@ def load_checkpoint(parts: CheckpointParts, path: Path) -> dict:
     (step, scheduler, data position) for the trainer to apply."""
     from megatron.core import dist_checkpointing
 
-    from ..megatron.checkpoint import load_mcore_checkpoint
+    from ..megatron.checkpoint import load_mcore_checkpoint, verify_checkpoint_on_every_rank
     check_same_checkpoint_on_every_rank(path)
     state = read_trainer_state(path)
     check_optimizer_compatible(state, parts.args, path)
@@ -348,6 +348,7 @@ def load_checkpoint(parts: CheckpointParts, path: Path) -> dict:
         model_sd = _model_sharded_state_dict(parts.models)
         _init_optimizer_states(parts.optimizer)
         optim_sd = parts.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+        verify_checkpoint_on_every_rank(path / 'optim')  # complete, and data only (no pickle that runs code)
         try:
             loaded = dist_checkpointing.load(optim_sd, str(path / 'optim'))
             with torch.no_grad():  # the distributed optimizer copies into views of its (leaf) main params
