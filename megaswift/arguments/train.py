@@ -240,6 +240,12 @@ class LogArguments:
     logging_steps: int = 5
     callbacks: list[str] = field(default_factory=list)
     report_to: list[str] = field(default_factory=list)
+    # read by the reporters in callbacks/reporters.py (Megatron-SWIFT's names)
+    tensorboard_dir: str | None = None   # default: <output_dir>/runs
+    wandb_project: str | None = None     # default: $WANDB_PROJECT, else 'megaswift'
+    wandb_exp_name: str | None = None    # default: the --output_dir folder name
+    swanlab_project: str | None = None   # default: 'megaswift'
+    swanlab_exp_name: str | None = None  # default: the --output_dir folder name
 
     def _check(self):
         if self.logging_steps < 1:
