@@ -39,7 +39,7 @@ def tiny_qwen2_dir(tmp_path_factory, smollm2_dir) -> str:
     return build_tiny_model(tmp_path_factory.mktemp('tiny_qwen2'), 'qwen2', smollm2_dir)
 
 
-@pytest.fixture
+@pytest.fixture(scope='session')
 def run_cli():
     """Run ``python -m megaswift.cli.main ARGS`` in a subprocess; returns CompletedProcess."""
     import subprocess

@@ -263,9 +263,11 @@ def verify_checkpoint_files(ckpt: Path) -> None:
     for name in ('metadata.json', '.metadata', 'common.pt'):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"mcore checkpoint '{ckpt}' is incomplete: '{name}' is missing")
-    from torch.distributed.checkpoint import FileSystemReader
+    from .data_only_checkpoint import UnsafeCheckpointError, check_data_only, read_metadata
     try:
-        metadata = FileSystemReader(str(ckpt)).read_metadata()
+        metadata = read_metadata(ckpt)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"mcore checkpoint '{ckpt}' is corrupt: '.metadata' cannot be read "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -282,6 +284,19 @@ def verify_checkpoint_files(ckpt: Path) -> None:
             raise CheckpointError(f"mcore checkpoint '{ckpt}' is corrupt: file '{info.relative_path}' is truncated "
                                   f"({size} bytes; tensor '{index.fqn}' needs bytes {info.offset}.."
                                   f"{info.offset + info.length})")
+    check_data_only(ckpt, metadata)
+
+
+def verify_checkpoint_on_every_rank(ckpt: Path) -> None:
+    """``verify_checkpoint_files`` on every rank (node-local copies included); all ranks fail together."""
+    error = None
+    try:
+        verify_checkpoint_files(ckpt)
+    except UserError as e:
+        error = str(e)
+    error = _first_error(error)
+    if error:
+        raise CheckpointError(error)
 
 
 def load_mcore_checkpoint(models, ckpt_dir: str | os.PathLike) -> dict:
@@ -293,15 +308,7 @@ def load_mcore_checkpoint(models, ckpt_dir: str | os.PathLike) -> dict:
     root = Path(ckpt_dir)
     ckpt = resolve_checkpoint_dir(root)
     meta = read_meta(root) if (root / META_FILE).is_file() else {}
-    error = None
-    if rank() == 0:
-        try:
-            verify_checkpoint_files(ckpt)
-        except CheckpointError as e:
-            error = str(e)
-    error = _broadcast(error)
-    if error:
-        raise CheckpointError(error)
+    verify_checkpoint_on_every_rank(ckpt)
     error = None
     try:
         loaded, in_ckpt_only, in_model_only = dist_checkpointing.load(
