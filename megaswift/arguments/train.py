@@ -187,6 +187,9 @@ class TrainLoopArguments:
     # the training objective, a name in megaswift.trainers.objectives.losses (ms-swift's flag for a custom loss);
     # default 'sft' (checked in preflight, after --external_plugins registered theirs)
     loss_type: str | None = None
+    # a step whose loss or grad norm is NaN/inf: abort (name the step and its samples, save nothing, exit non-zero)
+    # or skip (drop its update, count it as nonfinite_skipped, go on); megaswift/trainers/nonfinite.py
+    on_nonfinite: str = 'abort'
 
     def _check(self):
         if self.max_steps is not None and self.max_steps < 1:
@@ -196,6 +199,9 @@ class TrainLoopArguments:
             raise ArgumentError(f'--num_train_epochs: must be > 0, got {self.num_train_epochs}')
         if self.bf16 and self.fp16:
             raise ArgumentError('--bf16 and --fp16 exclude each other')
+        from ..trainers.nonfinite import ON_NONFINITE
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ArgumentError(f"--on_nonfinite: unknown value '{self.on_nonfinite}' ({', '.join(ON_NONFINITE)})")
         if self.recompute_granularity not in (None, 'none', 'full', 'selective'):
             raise ArgumentError(f"--recompute_granularity: unknown value '{self.recompute_granularity}' "
                                 f'(full, selective)')

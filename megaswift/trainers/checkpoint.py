@@ -36,6 +36,7 @@ from ..megatron.checkpoint import (FORMAT, FORMAT_VERSION, META_FILE, TRACKER_FI
                                    resolve_checkpoint_dir)
 from ..megatron.build import unwrap_model
 from ..utils.dist import barrier, rank
+from .nonfinite import check_parameters_finite, strict_json
 from ..utils.paths import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,18 @@ OPTIM_METADATA = {'distrib_optim_sharding_type': 'dp_reshardable', 'chained_opti
 def _write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
     apply_umask(path, directory=False)
+
+
+def jsonable_items(values: dict) -> dict:
+    """The entries of ``values`` that JSON can hold as they are (the trainer state keeps the flags it can read)."""
+    out = {}
+    for key, value in values.items():
+        try:
+            json.dumps(value)
+            out[key] = value
+        except (TypeError, ValueError):
+            pass
+    return out
 
 
 def _model_sharded_state_dict(ddp_models) -> dict:
@@ -122,6 +135,7 @@ def save_checkpoint(parts: CheckpointParts, step: int, trainer_state: dict) -> s
     root = Path(args.output_dir).resolve()
     final = root / f'iter_{step:07d}'
     meta = _meta(parts, step)
+    check_parameters_finite(parts.models, step)  # never a checkpoint of NaN/inf weights
     with distributed_atomic_directory(final) as tmp:
         model_sd = _model_sharded_state_dict(parts.models)
         dist_checkpointing.save(model_sd, str(tmp), sharded_strategy=('torch_dist', 1))
@@ -137,7 +151,7 @@ def save_checkpoint(parts: CheckpointParts, step: int, trainer_state: dict) -> s
             dist_checkpointing.save(optim_sd, str(tmp / 'optim'), sharded_strategy=('torch_dist', 1))
         torch.save(rng_state(), tmp / 'rng' / f'rank_{rank():05d}.pt')
         if rank() == 0:
-            _write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str) + '\n')
+            _write_text(tmp / STATE_FILE, json.dumps(strict_json(trainer_state), indent=1, default=str) + '\n')
             _write_text(tmp / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')
     if rank() == 0:
         _write_text(root / META_FILE, json.dumps(meta, indent=2, default=str) + '\n')

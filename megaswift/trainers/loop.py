@@ -8,7 +8,6 @@ layout follows the single-process trajectory.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from ..template.collator import Collator, collate_micro_batches, packing_efficie
 from .data import StepSampler, eval_micro_batches, rank_micro_batches
 from .eval_metrics import build_eval_metrics, compute_eval_metrics
 from .loss import global_token_count
+from .nonfinite import NonFinitePolicy, training_rows
 from .objectives import ModelOutput, Objective, build_objective
 from .preemption import Preemption
 from .rollout import Rollout
@@ -62,6 +62,7 @@ class Trainer:
         self.sampler = data.sampler if data.sampler is not None else StepSampler(
             data.num_items, args.global_batch_size, args.data_seed, args.train_dataloader_shuffle)
         self.callbacks = list(callbacks or [])
+        self.nonfinite = NonFinitePolicy(getattr(args, 'on_nonfinite', 'abort'))
         self.models = self.optimizer = self.scheduler = None
         self.frozen: dict[str, list] = {}
         self.precomputed: dict = {}  # split -> PrecomputedOutputs (--precompute_ref_log_probs)
@@ -142,17 +143,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        from .checkpoint import jsonable_items
         return {'global_step': self.state.global_step, 'max_steps': self.state.max_steps, 'epoch': self.state.epoch,
                 'sampler': self.sampler.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'log_history': self.state.log_history, 'layout': self.parallel.layout(),
                 'use_distributed_optimizer': bool(self.args.use_distributed_optimizer),
-                'args': {k: v for k, v in self.args.to_dict().items() if _jsonable(v)}}
+                **self.nonfinite.state_dict(), 'args': jsonable_items(self.args.to_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         self.state.global_step = int(state['global_step'])
         self.state.epoch = float(state.get('epoch', 0.0))
         self.state.log_history = list(state.get('log_history', []))
         self.sampler.load_state_dict(state['sampler'])
+        self.nonfinite.load_state_dict(state)
         sched = dict(state['scheduler'])
         self.scheduler.num_steps = int(sched['num_steps'])
         self.scheduler.step(0)  # re-apply the lr of that step to every parameter group
@@ -251,10 +254,11 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = run_schedule(self.models, batches, self._forward_step, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        reduced = self._reduce(outputs, self.objective.metric_names(evaluate=False))
+        ok, grad_norm = self.nonfinite.optimizer_step(self, *reduced['loss'])  # --on_nonfinite abort|skip
         if ok:
             self.scheduler.step(increment=1)
-        return self._reduce(outputs, self.objective.metric_names(evaluate=False)), grad_norm, ok
+        return reduced, grad_norm, ok
 
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
@@ -266,10 +270,11 @@ class Trainer:
                                          Rollout(self, mine, self.state.global_step + 1))
         self._denominators(batches)
         self.run_frozen_models(batches)
+        all_mbs = [mb for r in range(ctx.dp_size) for mb in rank_micro_batches(step_items, r, ctx.dp_size, mbs)]
+        self.nonfinite.step_samples = partial(training_rows, self.data, all_mbs)
         reduced, grad_norm, ok = self.optimizer_step(batches)
         loss_sum, count = reduced.pop('loss')
         elapsed = time.perf_counter() - start
-        all_mbs = [mb for r in range(ctx.dp_size) for mb in rank_micro_batches(step_items, r, ctx.dp_size, mbs)]
         tokens = self.data.collator.num_tokens(step_items)
         flops = self.mfu_meter.step_flops(self.data.collator, step_items)  # 0.0 unless on CUDA
         return {'loss': loss_sum / max(count, 1.0), 'grad_norm': float(grad_norm) if grad_norm is not None else None,
@@ -382,6 +387,7 @@ class Trainer:
                 **self._mfu_log(window),
                 'packing_efficiency': sum(w['packing_efficiency'] for w in window) / len(window),
                 'memory_mb': _memory_mb(), 'elapsed_s': round(time.perf_counter() - self._train_start, 3),
+                **self.nonfinite.logs(),
                 **({'skipped_steps': sum(w['skipped'] for w in window)} if any(w['skipped'] for w in window) else {})}
 
     def _mfu_log(self, window: list[dict]) -> dict:
@@ -426,14 +432,6 @@ def _window_metrics(window: list[dict]) -> dict:
 
 def _call(cb, name: str, *a) -> None:
     getattr(cb, name, lambda *_: None)(*a)
-
-
-def _jsonable(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _memory_mb() -> float:
