@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from ..trainers.nonfinite import strict_json
 from .base import Callback, numeric_items, register_callback, scalar
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class JsonlCallback(Callback):
     """``output_dir/logging.jsonl``: one JSON object per ``on_log``, flushed at once.
 
     On a resumed run (``global_step > 0`` at train begin) the lines logged after the resumed step
-    are dropped first, so steps are never duplicated; a fresh run (step 0) starts a new file.
+    are dropped first, so steps are never duplicated; a fresh run (step 0) starts a new file. Every line is
+    strict JSON: a NaN/inf value is written as null and its key listed under ``nonfinite``.
     """
 
     def __init__(self, args):
@@ -149,14 +151,14 @@ class JsonlCallback(Callback):
             keep = [r for r in read_jsonl(self.path) if step > 0 and _step_of(r) <= step]
             tmp = f'{self.path}.tmp'
             with open(tmp, 'w', encoding='utf-8') as f:
-                f.writelines(json.dumps(r) + '\n' for r in keep)
+                f.writelines(json.dumps(strict_json(r)) + '\n' for r in keep)
             os.replace(tmp, self.path)
         self._open()
 
     def on_log(self, trainer, logs):
         if not _is_main(trainer):
             return
-        record = {k: scalar(v) for k, v in logs.items()}
+        record = strict_json({k: scalar(v) for k, v in logs.items()})
         record.setdefault('step', trainer.state.global_step)
         f = self._open()
         f.write(json.dumps(record) + '\n')

@@ -117,6 +117,8 @@ class NonFinitePolicy:
         if main:
             logger.error('step %d: non-finite %s (%s); the samples of its micro-batches: %s', step, what, values,
                          samples)
+        else:  # each rank's log says why it stopped (a multi-node job's logs are per node)
+            logger.info('step %d: non-finite %s, found by the ranks together: stopping', step, what)
         flat = [s for mb in samples for s in (mb if isinstance(mb, list) else [mb])]
         shown = f'{flat}' if len(flat) <= SHOWN_SAMPLES else f'{flat[:SHOWN_SAMPLES]} and {len(flat) - SHOWN_SAMPLES}' \
             f' more (all of them in the log)'

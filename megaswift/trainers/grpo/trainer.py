@@ -42,6 +42,7 @@ from ...template.collator import to_device
 from ...utils.constants import IGNORE_INDEX
 from ..data import rank_micro_batches
 from ..loop import Trainer
+from ..nonfinite import strict_json
 from ..rollout import sample_seed
 from .advantages import compute_advantages, zero_std_groups
 from ...rollout.weight_sync import RolloutError
@@ -59,7 +60,8 @@ class GrpoTrainer(Trainer):
         self.rewards = RewardSet(self.args.reward_funcs, self.args.reward_weights) if self.is_main_process else None
         self.multi_turn = build_multi_turn(self.args, self.data.tokenizer, self.data.collator.max_length //
                                            self.args.micro_batch_size) if self.is_main_process else None
-        self.buffer: list[list[dict]] = []  # this rank's micro-batches of each remaining step of the generation
+        # this rank's micro-batches of each remaining step of the generation, with the step's prompt rows
+        self.buffer: list[tuple[list[dict], list[int]]] = []
         self.generations = 0
         self.source = None
         self._inflight = None   # --async_generate: (prompt ids, rank 0's future) of the generation under way
@@ -233,13 +235,14 @@ class GrpoTrainer(Trainer):
         seqs = self._sequences(gen)
         engine = engine_logprobs(gen, self.prompts.ids) if 'logprobs' in gen and 'gen_mask' not in gen else None
         collator, gbs, mbs = self.data.collator, a.global_batch_size, a.micro_batch_size
-        steps = []
+        steps, prompts = [], []
         for s in range(a.steps_per_generation):
             step = list(range(s * gbs, (s + 1) * gbs))
             steps.append([to_device(collator.collate([seqs[i] for i in mb], batch_columns(gen, engine, mb)),
                                     self.device) for mb in rank_micro_batches(step, ctx.dp_rank, ctx.dp_size, mbs)])
+            prompts.append(sorted({gen['prompt'][i] for i in step}))
         self.run_frozen_models([b for step in steps for b in step])
-        self.buffer = [step for _ in range(a.num_iterations) for step in steps]
+        self.buffer = [(step, p) for _ in range(a.num_iterations) for step, p in zip(steps, prompts)]
         metrics['time/logps'] = time.perf_counter() - t1
         return {**metrics, **generation_metrics(gen, reward_labels(self.args.reward_funcs))}
 
@@ -251,17 +254,18 @@ class GrpoTrainer(Trainer):
             for k, text in enumerate(gen['texts']):
                 prompt = self.prompts.prompts[gen['prompt'][k]]
                 turns = {'conversation': gen['conversation'][k], 'turns': gen['turns'][k]} if 'turns' in gen else {}
-                f.write(json.dumps({'step': self.state.global_step + 1, 'generation': self.generations,
-                                    'prompt': prompt.messages, 'completion': text, 'finish_reason': gen['finish'][k],
-                                    **turns, 'rewards': dict(zip(labels, gen['per_func'][k])),
-                                    'reward': gen['total'][k], 'advantage': gen['advantages'][k]},
-                                   ensure_ascii=False) + '\n')
+                f.write(json.dumps(strict_json({
+                    'step': self.state.global_step + 1, 'generation': self.generations, 'prompt': prompt.messages,
+                    'completion': text, 'finish_reason': gen['finish'][k], **turns,
+                    'rewards': dict(zip(labels, gen['per_func'][k])), 'reward': gen['total'][k],
+                    'advantage': gen['advantages'][k]}), ensure_ascii=False) + '\n')
 
     # ------------------------------------------------------------------------------------------ step
     def train_step(self) -> dict:
         start = time.perf_counter()
         generated = self._refill() if not self.buffer else {}
-        batches = self.buffer.pop(0)
+        batches, prompts = self.buffer.pop(0)
+        self.nonfinite.step_samples = lambda: prompts  # named by --on_nonfinite abort
         t_train = time.perf_counter()
         self._denominators(batches)
         reduced, grad_norm, ok = self.optimizer_step(batches)
