@@ -6,6 +6,8 @@
   optional ``ENV`` mapping sets environment variables.
 - Unknown flags or config keys fail with a close-match suggestion; config errors name the
   file and line.
+- ``sft`` / ``pt`` / ``rlhf`` also take Megatron-SWIFT's flag names: ``arguments/megatron_compat.py``
+  translates (or refuses) them, on the command line and in the config, before this parsing.
 """
 from __future__ import annotations
 
@@ -88,25 +90,33 @@ def _is_list(tp) -> bool:
     return get_origin(_unwrap_optional(tp)[0]) is list
 
 
-def parse_flags(cls, argv: list[str]) -> dict[str, Any]:
-    """Parse ``--name value...`` pairs into raw values (strings or lists of strings)."""
-    fields = _fields(cls)
-    out: dict[str, Any] = {}
+def split_flags(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """``--name v1 v2 --flag --k=v`` -> ``[('name', ['v1', 'v2']), ('flag', []), ('k', ['v'])]`` (names as written)."""
+    groups = []
     i = 0
     while i < len(argv):
         tok = argv[i]
         if not tok.startswith('--') or tok == '--':
             raise CLIError(f'unexpected argument {tok!r}: arguments are --name value pairs')
         key, _, inline = tok[2:].partition('=')
-        name = key.replace('-', '_')
-        if name not in fields:
-            raise CLIError(f"unknown argument '--{key}'{did_you_mean(name, fields)}")
         values = [inline] if inline else []
         i += 1
         while not inline and i < len(argv) and not (argv[i].startswith('--') and len(argv[i]) > 2
                                                    and not _is_number(argv[i])):
             values.append(argv[i])
             i += 1
+        groups.append((key, values))
+    return groups
+
+
+def _flag_values(fields: dict[str, dataclasses.Field], groups: list[tuple[str, list[str]]],
+                 also_known: list[str] = ()) -> dict[str, Any]:
+    """Raw values (strings or lists of strings) of ``--name value...`` groups; unknown names fail with a suggestion."""
+    out: dict[str, Any] = {}
+    for key, values in groups:
+        name = key.replace('-', '_')
+        if name not in fields:
+            raise CLIError(f"unknown argument '--{key}'{did_you_mean(name, [*fields, *also_known])}")
         tp = fields[name].type
         if _is_list(tp):
             out[name] = values
@@ -130,8 +140,8 @@ def _is_number(tok: str) -> bool:
         return False
 
 
-def load_config(path: str, cls) -> dict[str, Any]:
-    """Read a YAML/JSON config; unknown keys fail with ``file:line`` and a suggestion."""
+def read_config(path: str) -> list[tuple[str, Any, Any]]:
+    """A YAML/JSON config's ``(key, value, line)`` items; its ``ENV`` mapping is applied to the environment."""
     import yaml
     p = Path(path)
     if not p.is_file():
@@ -148,24 +158,47 @@ def load_config(path: str, cls) -> dict[str, Any]:
     env = data.pop('ENV', None) or {}
     for k, v in env.items():
         os.environ[str(k)] = str(v)
-    fields = _fields(cls)
+    return [(str(key), value, lines.get(key, '?')) for key, value in data.items()]
+
+
+def _config_values(path: str, fields: dict[str, dataclasses.Field], items,
+                   also_known: list[str] = ()) -> dict[str, Any]:
+    """The config's values by field name; unknown keys fail with ``file:line`` and a suggestion."""
     out = {}
-    for key, value in data.items():
-        name = str(key).replace('-', '_')
+    for key, value, line in items:
+        name = key.replace('-', '_')
         if name not in fields:
-            raise CLIError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'{did_you_mean(name, fields)}")
+            raise CLIError(f"{path}:{line}: unknown key '{key}'{did_you_mean(name, [*fields, *also_known])}")
         out[name] = value
     return out
+
+
+def _megatron_compat(cls, fields, path, items, groups):
+    """Megatron-SWIFT's flags (``arguments/megatron_compat.py``) turned into megaswift's, for sft / pt / rlhf;
+    returns ``(items, groups, the table's names)``."""
+    from ..arguments.megatron_compat import FlagUse, apply_megatron_compat, compat_command, megatron_flag_names
+    command = compat_command(cls)
+    if command is None:
+        return items, groups, []
+    uses = [FlagUse(key.replace('-', '_'), value, f'{path}:{line}', key) for key, value, line in items]
+    uses += [FlagUse(key.replace('-', '_'), values, spelled=key) for key, values in groups]
+    bool_fields = {name for name, f in fields.items() if _unwrap_optional(f.type)[0] is bool}
+    uses = apply_megatron_compat(command, set(fields), bool_fields, uses)
+    return ([(u.spelled, u.value, u.where.rpartition(':')[2]) for u in uses if not u.from_cli],
+            [(u.spelled, u.value) for u in uses if u.from_cli], megatron_flag_names(command))
 
 
 def parse_args(cls, argv: list[str]):
     """``[config] --flags`` -> ``cls(**values)``; raises CLIError with a readable message."""
     argv = list(argv)
-    raw: dict[str, Any] = {}
-    if argv and not argv[0].startswith('--') and argv[0].lower().endswith(('.yaml', '.yml', '.json')):
-        raw.update(load_config(argv.pop(0), cls))
-    raw.update(parse_flags(cls, argv))
     fields = _fields(cls)
+    path = None
+    if argv and not argv[0].startswith('--') and argv[0].lower().endswith(('.yaml', '.yml', '.json')):
+        path = argv.pop(0)
+    items, groups = read_config(path) if path else [], split_flags(argv)
+    items, groups, megatron_names = _megatron_compat(cls, fields, path, items, groups)
+    raw = _config_values(path, fields, items, megatron_names)
+    raw.update(_flag_values(fields, groups, megatron_names))
     values = {name: coerce(fields[name].type, v, name) for name, v in raw.items()}
     try:
         return cls(**values)
