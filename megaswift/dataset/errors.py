@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..utils.errors import UserError
 
@@ -27,3 +28,11 @@ class DatasetError(UserError, ValueError):
         self.field = field
         where = f"{source}: field '{field}': " if field else f'{source}: '
         super().__init__(where + message)
+
+
+def describe(value: Any) -> str:
+    """A value's type and the start of its repr, for messages: ``int 5``, ``list ['a']``, ``null``."""
+    if value is None:
+        return 'null'
+    text = repr(value)
+    return f'{type(value).__name__} {text[:40] + "..." if len(text) > 40 else text}'

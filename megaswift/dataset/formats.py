@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import DatasetError, RowSource
+from .errors import DatasetError, RowSource, describe
+from .tools import check_tool_call, check_tool_calls, check_tools
 
 ROLES = ('system', 'user', 'assistant', 'tool', 'tool_call', 'tool_response')
+TOOL_RESPONSE_ROLES = ('tool', 'tool_response')
 _SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
                    'function_call': 'tool_call', 'tool_call': 'tool_call', 'observation': 'tool_response',
                    'tool': 'tool_response', 'tool_response': 'tool_response'}
@@ -39,9 +41,12 @@ def normalize_row(row: dict[str, Any], source: RowSource) -> dict[str, Any]:
     if out.get('rejected_messages') is not None:  # a preference pair's whole rejected conversation
         out['rejected_messages'] = _check_messages(out['rejected_messages'], source, 'rejected_messages')
     if 'tools' in out and out['tools'] is not None:
-        out['tools'] = _check_tools(out['tools'], source)
+        out['tools'] = check_tools(out['tools'], source)
     if 'solution' in out and out['solution'] is not None and not isinstance(out['solution'], str):
         out['solution'] = str(out['solution'])
+    row_key = out.get('id')  # matches cached samples to prompts (``megaswift sample``)
+    if row_key is not None and (isinstance(row_key, bool) or not isinstance(row_key, (str, int))):
+        raise DatasetError(source, f'must be a string or an integer, got {describe(row_key)}', 'id')
     return out
 
 
@@ -52,22 +57,31 @@ def _check_messages(messages: Any, source: RowSource, field: str) -> list[dict]:
         except json.JSONDecodeError:
             raise DatasetError(source, 'must be a list of messages, got a string that is not JSON', field) from None
     if not isinstance(messages, list) or not messages:
-        raise DatasetError(source, f'must be a non-empty list of messages, got {_kind(messages)}', field)
+        raise DatasetError(source, f'must be a non-empty list of messages, got {describe(messages)}', field)
     out = []
     for i, m in enumerate(messages):
         f = f'{field}[{i}]'
         if not isinstance(m, dict):
-            raise DatasetError(source, f'a message must be an object with role and content, got {_kind(m)}', f)
+            raise DatasetError(source, f'a message must be an object with role and content, got {describe(m)}', f)
         role = m.get('role')
         if role not in ROLES:
             raise DatasetError(source, f"unknown role {role!r} (expected one of {', '.join(ROLES)})", f'{f}.role')
         content = m.get('content')
         if content is None and m.get('tool_calls'):
             content = ''
-        if role == 'tool_call' and isinstance(content, (dict, list)):
-            content = json.dumps(content, ensure_ascii=False)
+        if role == 'tool_call':
+            check_tool_call(content, source, f'{f}.content')
+            if isinstance(content, (dict, list)):
+                content = json.dumps(content, ensure_ascii=False)
         if not isinstance(content, str):
-            raise DatasetError(source, f'must be a string, got {_kind(content)}', f'{f}.content')
+            raise DatasetError(source, f'must be a string, got {describe(content)}', f'{f}.content')
+        check_tool_calls(m, source, f)
+        if role in TOOL_RESPONSE_ROLES and not _answers_a_call(out):
+            raise DatasetError(source, 'a tool response must follow a tool call (a tool_call message, an assistant '
+                                       "message's tool_calls or another tool response)", f'{f}.role')
+        reasoning = m.get('reasoning_content')
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DatasetError(source, f'must be a string, got {describe(reasoning)}', f'{f}.reasoning_content')
         msg = dict(m)
         msg['content'] = content
         out.append(msg)
@@ -76,14 +90,23 @@ def _check_messages(messages: Any, source: RowSource, field: str) -> list[dict]:
     return out
 
 
+def _answers_a_call(previous: list[dict]) -> bool:
+    """Whether a tool response may come after the messages ``previous``."""
+    if not previous:
+        return False
+    last = previous[-1]
+    return last['role'] in ('tool_call', *TOOL_RESPONSE_ROLES) or bool(last.get('tool_calls'))
+
+
 def _from_sharegpt(row: dict, source: RowSource) -> list[dict]:
     conv = row['conversations']
     if not isinstance(conv, list) or not conv:
-        raise DatasetError(source, f'must be a non-empty list, got {_kind(conv)}', 'conversations')
+        raise DatasetError(source, f'must be a non-empty list, got {describe(conv)}', 'conversations')
     messages = [{'role': 'system', 'content': row['system']}] if row.get('system') else []
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
-            raise DatasetError(source, f'must be an object with from/value, got {_kind(turn)}', f'conversations[{i}]')
+            raise DatasetError(source, f'must be an object with from/value, got {describe(turn)}',
+                               f'conversations[{i}]')
         speaker = turn.get('from', turn.get('role'))
         if speaker not in _SHAREGPT_ROLES:
             raise DatasetError(source, f'unknown speaker {speaker!r} (expected one of {", ".join(_SHAREGPT_ROLES)})',
@@ -95,10 +118,10 @@ def _from_sharegpt(row: dict, source: RowSource) -> list[dict]:
 def _from_alpaca(row: dict, source: RowSource) -> list[dict]:
     instruction = row['instruction']
     if not isinstance(instruction, str) or not instruction.strip():
-        raise DatasetError(source, f'must be a non-empty string, got {_kind(instruction)}', 'instruction')
+        raise DatasetError(source, f'must be a non-empty string, got {describe(instruction)}', 'instruction')
     extra = row.get('input')
     if extra is not None and not isinstance(extra, str):
-        raise DatasetError(source, f'must be a string, got {_kind(extra)}', 'input')
+        raise DatasetError(source, f'must be a string, got {describe(extra)}', 'input')
     user = f'{instruction}\n{extra}' if extra else instruction
     messages = [{'role': 'system', 'content': row['system']}] if row.get('system') else []
     messages.append({'role': 'user', 'content': user})
@@ -111,7 +134,7 @@ def _from_query_response(row: dict, source: RowSource) -> list[dict]:
     messages = [{'role': 'system', 'content': row['system']}] if row.get('system') else []
     history = row.get('history') or []
     if not isinstance(history, list):
-        raise DatasetError(source, f'must be a list of [query, response] pairs, got {_kind(history)}', 'history')
+        raise DatasetError(source, f'must be a list of [query, response] pairs, got {describe(history)}', 'history')
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
             raise DatasetError(source, 'must be a [query, response] pair', f'history[{i}]')
@@ -121,20 +144,3 @@ def _from_query_response(row: dict, source: RowSource) -> list[dict]:
         messages.append({'role': 'assistant', 'content': row['response']})
     return _check_messages(messages, source, 'query')
 
-
-def _check_tools(tools: Any, source: RowSource) -> list:
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise DatasetError(source, f'is a string but not valid JSON ({e.msg})', 'tools') from None
-    if not isinstance(tools, list):
-        raise DatasetError(source, f'must be a list of tool definitions, got {_kind(tools)}', 'tools')
-    return tools
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return 'null'
-    text = repr(value)
-    return f'{type(value).__name__} {text[:40] + "..." if len(text) > 40 else text}'

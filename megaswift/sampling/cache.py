@@ -35,6 +35,6 @@ def load_cached_samples(paths: list[str]) -> 'OrderedDict[str, dict]':
                 row = normalize_row(obj, src)
                 if row['messages'][-1]['role'] != 'assistant':
                     raise DatasetError(src, 'the last message must be the sampled assistant response', 'messages')
-                group = groups.setdefault(obj['id'], {'row': row, 'responses': [], 'source': str(src)})
+                group = groups.setdefault(str(obj['id']), {'row': row, 'responses': [], 'source': str(src)})
                 group['responses'].append(row['messages'][-1]['content'])
     return groups

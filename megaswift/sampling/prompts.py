@@ -5,7 +5,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from ..dataset import row_id
+from ..dataset import DatasetError, row_id
 from ..infer_engine import InferRequest
 
 
@@ -32,7 +32,8 @@ def build_prompt(row: dict, source: str, system: str | None = None) -> Prompt:
     if messages and messages[-1]['role'] == 'assistant':
         reference = messages.pop()['content']
     if not messages or messages[-1]['role'] == 'system':
-        raise ValueError(f'{source}: nothing to answer: the conversation has no user turn before the last assistant turn')
+        raise DatasetError(source, 'nothing to answer: the conversation has no user turn before the last assistant '
+                                   'turn', 'messages')
     if system is not None:
         if messages[0]['role'] == 'system':
             messages[0] = {**messages[0], 'content': system}
@@ -42,8 +43,9 @@ def build_prompt(row: dict, source: str, system: str | None = None) -> Prompt:
     if columns.get('solution') is None:
         columns['solution'] = reference
     tools = columns.get('tools')
-    return Prompt(id=row.get('id') or row_id(row), request=InferRequest(messages=messages, tools=tools),
-                  columns=columns, source=source)
+    row_key = row.get('id')  # a string or an integer (checked by normalize_row); ids are compared as strings
+    return Prompt(id=str(row_key) if row_key not in (None, '') else row_id(row),
+                  request=InferRequest(messages=messages, tools=tools), columns=columns, source=source)
 
 
 def output_row(prompt: Prompt, response: str, rejected: str | None = None) -> dict:
