@@ -6,7 +6,7 @@
   optional ``ENV`` mapping sets environment variables.
 - Unknown flags or config keys fail with a close-match suggestion; config errors name the
   file and line.
-- ``sft`` / ``pt`` / ``rlhf`` also take Megatron-SWIFT's flag names: ``arguments/megatron_compat.py``
+- ``sft`` / ``pt`` / ``rlhf`` also take Megatron-SWIFT's flag names: ``cli/megatron_compat.py``
   translates (or refuses) them, on the command line and in the config, before this parsing.
 """
 from __future__ import annotations
@@ -174,9 +174,9 @@ def _config_values(path: str, fields: dict[str, dataclasses.Field], items,
 
 
 def _megatron_compat(cls, fields, path, items, groups):
-    """Megatron-SWIFT's flags (``arguments/megatron_compat.py``) turned into megaswift's, for sft / pt / rlhf;
+    """Megatron-SWIFT's flags (``cli/megatron_compat.py``) turned into megaswift's, for sft / pt / rlhf;
     returns ``(items, groups, the table's names)``."""
-    from ..arguments.megatron_compat import FlagUse, apply_megatron_compat, compat_command, megatron_flag_names
+    from .megatron_compat import FlagUse, apply_megatron_compat, compat_command, megatron_flag_names
     command = compat_command(cls)
     if command is None:
         return items, groups, []

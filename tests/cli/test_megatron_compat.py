@@ -1,4 +1,4 @@
-"""Megatron-SWIFT's ``megatron sft|rlhf`` flags under ``megaswift sft|pt|rlhf`` (arguments/megatron_compat.py).
+"""Megatron-SWIFT's ``megatron sft|rlhf`` flags under ``megaswift sft|pt|rlhf`` (cli/megatron_compat.py).
 
 Parse tests through the real parser and argument classes, table-driven; and one real run of Megatron-SWIFT's own
 dense SFT example (ms-swift examples/megatron/dense/qwen3_32b.sh) with only model, data, output and sizes swapped.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megaswift.arguments.megatron_compat import MEGATRON_FLAGS
+from megaswift.cli.megatron_compat import MEGATRON_FLAGS
 from megaswift.arguments.rlhf import RlhfArguments
 from megaswift.arguments.train import PtArguments, SftArguments
 from megaswift.cli.parser import CLIError, parse_args
@@ -222,7 +222,7 @@ vllm_tensor_parallel_size wandb_exp_name wandb_project weight_decay weight_decay
 
 def test_every_documented_flag_has_an_answer():
     import dataclasses
-    from megaswift.arguments.megatron_compat import _rule
+    from megaswift.cli.megatron_compat import _rule
     fields = {f.name for f in dataclasses.fields(RlhfArguments)}
     assert len(DOCUMENTED) == 278
     assert [n for n in DOCUMENTED if n not in fields and _rule(n, 'rlhf') is None] == []

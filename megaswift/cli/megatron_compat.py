@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..cli.parser import CLIError, coerce
+from .parser import CLIError, coerce
 from ..utils.dist import rank
 
 logger = logging.getLogger(__name__)
@@ -286,8 +286,8 @@ def megatron_flag_names(command: str) -> list[str]:
 
 def compat_command(cls) -> str | None:
     """'sft', 'pt' or 'rlhf' for those commands' arguments classes (the table applies to them), else None."""
-    from .rlhf import RlhfArguments
-    from .train import PtArguments, SftArguments
+    from ..arguments.rlhf import RlhfArguments
+    from ..arguments.train import PtArguments, SftArguments
     for klass, command in ((RlhfArguments, 'rlhf'), (PtArguments, 'pt'), (SftArguments, 'sft')):
         if isinstance(cls, type) and issubclass(cls, klass):
             return command
