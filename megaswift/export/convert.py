@@ -89,14 +89,13 @@ def hf_to_mcore(args) -> str:
     """Convert ``args.model`` (HF) to an mcore checkpoint at ``args.output_dir``; returns its path."""
     from ..megatron import load_hf_weights
     from ..megatron.checkpoint import save_mcore_checkpoint
-    from ..model import resolve_model_dir
-    from .hf_writer import check_hf_weight_files
+    from ..model import check_model_weights, resolve_model_dir
     start = time.perf_counter()
     model_dir = resolve_model_dir(args.model)
     hf_config = _load_hf_config(model_dir)
     _check_family(hf_config)
     check_layout(hf_config, args)
-    check_hf_weight_files(model_dir)
+    check_model_weights(model_dir, safetensors_only=True)
     dtype = resolve_dtype(args.torch_dtype, getattr(hf_config, 'dtype', None) or getattr(hf_config, 'torch_dtype',
                                                                                          None))
     with parallel_session(args) as parallel:

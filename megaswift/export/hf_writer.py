@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..megatron.checkpoint import CheckpointError, apply_umask
+from ..megatron.checkpoint import apply_umask
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -124,32 +124,3 @@ class ShardedSafetensorsWriter:
         index = {'metadata': {'total_size': self.total_bytes}, 'weight_map': dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + '\n', encoding='utf-8')
         return files
-
-
-def check_hf_weight_files(model_dir: str | os.PathLike) -> None:
-    """Fail with one line naming the file when an HF model's weight files are missing or unreadable."""
-    root = Path(model_dir)
-    index = root / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding='utf-8'))['weight_map']
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"'{index}' is corrupt ({type(e).__name__}: {e})") from None
-        for name, file in weight_map.items():
-            if not (root / file).is_file():
-                raise CheckpointError(f"HF model '{root}' is incomplete: shard '{file}' (listed in {INDEX_FILE} for "
-                                      f"tensor '{name}') is missing")
-        files = sorted(set(weight_map.values()))
-    elif (root / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(f"HF model '{root}' has no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); "
-                              f'only safetensors checkpoints can be converted')
-    from safetensors import safe_open
-    for file in files:
-        try:
-            with safe_open(str(root / file), framework='pt') as f:
-                f.keys()
-        except Exception as e:
-            raise CheckpointError(f"HF model '{root}': weight file '{file}' is corrupt or truncated "
-                                  f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .resolve import resolve_model_dir
+from .resolve import check_model_weights, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def load_causal_lm(model: str, torch_dtype: str | None = 'auto', device: str | N
     from transformers import AutoModelForCausalLM
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model_dir = resolve_model_dir(model)
+    check_model_weights(model_dir)  # one line naming the folder, not transformers' OSError
     dtype = parse_dtype(torch_dtype, device)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     tok = load_tokenizer(model_dir)

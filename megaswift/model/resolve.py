@@ -1,6 +1,7 @@
 """Turn ``--model`` (local dir, embedded hub id, or hub id) into a local HF directory."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,3 +53,60 @@ def _from_hub(model: str) -> str:
     embedded = ', '.join(EMBEDDED_MODELS)
     raise ModelNotFoundError(
         f"model '{model}' is neither a local directory nor embedded ({embedded}), and the hub could not provide it ({reason})")
+
+
+class ModelWeightsError(UserError, FileNotFoundError):
+    """An HF model folder whose weight files are missing, incomplete or unreadable."""
+
+
+# (index file, single file) of each weight format transformers loads; megatron-core loads safetensors only
+SAFETENSORS = ('model.safetensors.index.json', 'model.safetensors')
+PYTORCH_BIN = ('pytorch_model.bin.index.json', 'pytorch_model.bin')
+
+
+def check_model_weights(model_dir: str | os.PathLike, safetensors_only: bool = False, flag: str = '--model') -> None:
+    """Fail with one line naming the folder and what is missing when ``model_dir`` (an HF model folder with a
+    config.json) has no usable weights: no weight file, a shard its index lists but the folder lacks, or a
+    safetensors file whose header cannot be read; the message starts with ``flag``. Cheap (headers only), so
+    every command runs it before any model is built."""
+    root = Path(model_dir)
+    formats = (SAFETENSORS,) if safetensors_only else (SAFETENSORS, PYTORCH_BIN)
+    for index_name, single_name in formats:
+        if (root / index_name).is_file():
+            files = _indexed_weight_files(root, index_name, flag)
+            break
+        if (root / single_name).is_file():
+            files = [single_name]
+            break
+    else:
+        expected = ' or '.join(name for pair in formats for name in reversed(pair))
+        only = '; only safetensors weights can be loaded here' if safetensors_only else ''
+        extra = ' (it has pytorch_model.bin)' if safetensors_only and (root / PYTORCH_BIN[1]).is_file() else ''
+        raise ModelWeightsError(f"{flag}: model folder '{root}' has a config.json but no weights{extra}: expected "
+                                f'{expected}{only}')
+    from safetensors import safe_open
+    for file in files:
+        if not file.endswith('.safetensors'):
+            continue
+        try:
+            with safe_open(str(root / file), framework='pt') as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for a torn or foreign file
+            raise ModelWeightsError(f"{flag}: model folder '{root}': weight file '{file}' is corrupt or truncated "
+                                    f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+
+
+def _indexed_weight_files(root: Path, index_name: str, flag: str) -> list[str]:
+    """The shard files ``root/index_name`` lists, each checked to exist."""
+    index = root / index_name
+    try:
+        weight_map = json.loads(index.read_text(encoding='utf-8'))['weight_map']
+        shards = {file: name for name, file in weight_map.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ModelWeightsError(f"{flag}: model folder '{root}': '{index_name}' is corrupt "
+                                f'({type(e).__name__}: {e})') from None
+    for file, name in sorted(shards.items()):
+        if not (root / file).is_file():
+            raise ModelWeightsError(f"{flag}: model folder '{root}' is incomplete: shard '{file}' (listed in "
+                                    f"{index_name} for tensor '{name}') is missing")
+    return sorted(shards)

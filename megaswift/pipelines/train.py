@@ -18,6 +18,7 @@ from typing import Optional
 from ..arguments.base import ArgumentError
 from ..arguments.rlhf import RlhfArguments
 from ..arguments.train import PtArguments, SftArguments
+from ..utils.paths import check_output_dir_writable
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,28 @@ def preflight(args) -> Plan:
     objective = losses.lookup(objective_name(args), flag=flag)
     if 'teacher' in objective.frozen_models:
         check_same_tokenizer(model_dir, args.teacher_model)
+    check_weights_to_load(args, model_dir, resume_dir)
+    check_output_dir_writable(args.output_dir, '--output_dir')  # before any model is built
     # unknown or unusable --eval_metric fail here, not after the model is built
     check_generation_layout(build_eval_metrics(list(args.eval_metric)), args)
     if args.mcore_model and not os.path.isdir(args.mcore_model):
         raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
     return Plan(model_dir, hf_config, int(max_length), resume_dir, objective)
+
+
+def check_weights_to_load(args, model_dir: str, resume_dir: Optional[Path]) -> None:
+    """Every HF model folder the run may load weights from has them (megatron-core reads safetensors only):
+    ``--model`` unless a checkpoint (``--resume_from_checkpoint``, ``--mcore_model``) provides the weights and no
+    frozen reference can default to it, and ``--ref_model`` / ``--teacher_model`` when given."""
+    from ..model import check_model_weights, resolve_model_dir
+    reference_from_model = bool(getattr(args, 'rlhf_type', None)) and not getattr(args, 'ref_model', None)
+    folders = {model_dir: '--model'} if (resume_dir is None and not args.mcore_model) or reference_from_model else {}
+    for flag in ('--ref_model', '--teacher_model'):
+        other = getattr(args, flag[2:], None)
+        if other:
+            folders.setdefault(resolve_model_dir(other), flag)
+    for folder, flag in folders.items():
+        check_model_weights(folder, safetensors_only=True, flag=flag)
 
 
 def check_same_tokenizer(model_dir: str, teacher: str) -> None:
@@ -227,12 +245,12 @@ def train_main(args):
             data, max_steps = prepare_data(args, plan)
             trainer = Trainer(args, plan.hf_config, plan.model_dir, data, max_steps, build_callback_list(args),
                               parallel=parallel)
+        trainer.setup(plan.resume_dir)
         output_dir = Path(args.output_dir)
-        if torch.distributed.get_rank() == 0:
+        if torch.distributed.get_rank() == 0:  # only once the data and the model are ready: no files otherwise
             output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_saves(output_dir)
             (output_dir / 'args.json').write_text(_args_json(args))
-        trainer.setup(plan.resume_dir)
         if plan.resume_dir is not None:
             logger.info('resumed from %s at step %d', plan.resume_dir, trainer.state.global_step)
         torch.distributed.barrier()

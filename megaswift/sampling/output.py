@@ -9,6 +9,7 @@ Each output file has its own state, so shards in one directory never share resum
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -49,32 +50,34 @@ def find_resumable(output_dir: Path, shard: tuple[int, int] | None, fingerprint:
 
 
 class SampleOutput:
+    """Validated when made (nothing is written then); ``open`` creates or truncates the files once the model is
+    loaded, and ``abandon`` removes what a failed run created before its first batch was committed."""
+
     def __init__(self, output_dir: str, output_file: str, fingerprint: dict[str, Any], resume: bool, override: bool):
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / output_file
         self.part = self.path.with_name(self.path.name + '.part')
         self.state_path = self.path.with_name(self.path.name + '.state.json')
         self.fingerprint = fingerprint
+        self.resume = resume
         self.next_batch = 0
         self.stats: dict[str, int] = {}
+        self._resume_bytes = 0
+        self._created: list[Path] = []  # what ``open`` made: removed by ``abandon`` until a batch is committed
         if resume:
-            self._resume()
-        else:
-            self._start(override)
+            self._check_resume()
+        elif not override:
+            self._check_fresh()
 
-    def _start(self, override: bool) -> None:
-        if not override:
-            if self.path.exists():
-                raise OutputError(f'{self.path} already exists; pass --override_exist_file true to replace it, '
-                                  f'or choose another --output_file')
-            if self.state_path.exists() or self.part.exists():
-                raise OutputError(f'an unfinished run of {self.path} exists; pass --resume true to continue it '
-                                  f'or --override_exist_file true to start over')
-        self.part.write_bytes(b'')
-        self._write_state()
+    def _check_fresh(self) -> None:
+        if self.path.exists():
+            raise OutputError(f'{self.path} already exists; pass --override_exist_file true to replace it, '
+                              f'or choose another --output_file')
+        if self.state_path.exists() or self.part.exists():
+            raise OutputError(f'an unfinished run of {self.path} exists; pass --resume true to continue it '
+                              f'or --override_exist_file true to start over')
 
-    def _resume(self) -> None:
+    def _check_resume(self) -> None:
         if not self.state_path.exists():
             if self.path.exists():
                 raise OutputError(f'{self.path} is already complete: nothing to resume')
@@ -90,12 +93,31 @@ class SampleOutput:
         if size < state['bytes']:
             raise OutputError(f'cannot resume {self.path}: {self.part.name} has {size} bytes, '
                               f'the state file recorded {state["bytes"]}; the partial output was modified')
-        with open(self.part, 'r+b') as f:
-            f.truncate(state['bytes'])  # drop lines of a batch that was written but never committed
+        self._resume_bytes = state['bytes']
         self.next_batch = state['next_batch']
         self.stats = state['stats']
-        logger.info('resuming %s at batch %d (%d lines kept so far)', self.path, self.next_batch,
-                    self.stats.get('lines', 0))
+
+    def open(self) -> None:
+        """Create the output files (a fresh run) or cut the partial output back to its last committed batch."""
+        if self.resume:
+            with open(self.part, 'r+b') as f:
+                f.truncate(self._resume_bytes)  # drop lines of a batch that was written but never committed
+            logger.info('resuming %s at batch %d (%d lines kept so far)', self.path, self.next_batch,
+                        self.stats.get('lines', 0))
+            return
+        missing = [p for p in (self.dir, *self.dir.parents) if not p.exists()]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._created = [p for p in (self.part, self.state_path) if not p.exists()] + missing
+        self.part.write_bytes(b'')
+        self._write_state()
+
+    def abandon(self) -> None:
+        """After a failure: remove the files and folders ``open`` created if no batch was committed since; a
+        resumed run's files, and a fresh run's after its first batch, stay for ``--resume``."""
+        for path in self._created:
+            with contextlib.suppress(OSError):  # a folder someone else wrote into stays
+                path.rmdir() if path.is_dir() else path.unlink()
+        self._created = []
 
     def _write_state(self) -> None:
         size = self.part.stat().st_size
@@ -112,6 +134,7 @@ class SampleOutput:
         self.next_batch = next_batch
         self.stats = dict(stats)
         self._write_state()
+        self._created = []  # resumable from here on
 
     def finish(self, meta: dict[str, Any]) -> Path:
         os.replace(self.part, self.path)

@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from ..dataset import load_dataset
 from ..infer_engine import RequestConfig, get_infer_engine
+from ..model import check_model_weights, resolve_model_dir
 from ..rewards import get_orm, get_prm, score_completions
 from ..utils import dist
+from ..utils.paths import check_output_dir_writable
 from .cache import load_cached_samples
 from .output import OutputError, SampleOutput, default_output_file, find_resumable
 from .prompts import Prompt, build_prompt, output_row
@@ -80,6 +81,7 @@ class Sampler:
         # the prompts themselves, so resuming against an edited dataset is refused
         fingerprint = dict(a.fingerprint(), prompts_md5=hashlib.md5(
             ''.join(p.id for p in self.prompts).encode()).hexdigest())
+        check_output_dir_writable(a.output_dir, '--output_dir')
         output_file = a.output_file
         if output_file is None and a.resume:
             output_file = find_resumable(Path(a.output_dir), self.shard, fingerprint)
@@ -98,6 +100,7 @@ class Sampler:
         prm = get_prm(a.prm_model, **a.prm_kwargs) if a.prm_model else None
         engine = None
         if a.sampler_engine != 'no' and any(self._responses_from_cache(p) is None for p in self.prompts):
+            check_model_weights(resolve_model_dir(a.model))  # every backend: one line, before it starts
             kwargs = dict(a.engine_kwargs)
             if a.sampler_engine == 'transformers':
                 kwargs.setdefault('max_batch_size', a.max_batch_size)
@@ -105,7 +108,11 @@ class Sampler:
         stats = {'prompts': 0, 'samples': 0, 'lines': 0, 'no_passing_sample': 0, 'easy_query': 0, 'from_cache': 0,
                  **output.stats}
         try:
+            output.open()  # inputs, output folder and model are all valid: only now are files made
             self._loop(output, engine, orm, prm, stats)
+        except BaseException:
+            output.abandon()
+            raise
         finally:
             if engine is not None:
                 engine.close()

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ArgumentError
+
 
 def cache_root() -> Path:
     """``$MEGASWIFT_CACHE`` or ``~/.cache/megaswift``."""
@@ -61,3 +63,25 @@ def atomic_directory(final: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir_writable(path: str | os.PathLike, flag: str, replaced_whole: bool = False) -> None:
+    """Fail fast, before any model is built, when the output folder ``path`` cannot be written.
+
+    The check creates nothing: it writes an anonymous temporary file (never visible, gone when closed) in the
+    nearest folder that exists: ``path`` itself or the ancestor under which it would be created. With
+    ``replaced_whole`` the output is built as a sibling of ``path`` and renamed into place (``atomic_directory``),
+    so its parent must be writable instead.
+    """
+    target = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    probe = target.parent if replaced_whole else target
+    while not os.path.lexists(probe):
+        probe = probe.parent
+    if not probe.is_dir():
+        what = f"'{probe}' is not a folder" if probe == target else f"'{probe}' in its path is a file, not a folder"
+        raise ArgumentError(f"{flag} '{path}': {what}")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ArgumentError(f"{flag} '{path}': cannot write in '{probe}' ({e.strerror or e})") from None

@@ -139,3 +139,35 @@ def test_crash_keeps_committed_batches_and_resume_refuses_an_edited_dataset(tiny
         assert len(read_jsonl(path)) == 7
     finally:
         del orms['crash_third']
+
+
+def test_a_run_that_fails_before_its_first_batch_leaves_no_files(tiny_llama_dir, math_file, tmp_path):
+    from megaswift.rewards import ORM, orms
+
+    class CrashAtOnce(ORM):
+        def __call__(self, completions, **columns):
+            raise RuntimeError('reward server is down')
+
+    orms['crash_at_once'] = CrashAtOnce
+    out = tmp_path / 'new' / 'samples'
+    try:
+        with pytest.raises(RuntimeError, match='is down'):
+            sample_main(args(tiny_llama_dir, math_file, out, orm_model='crash_at_once', num_return_sequences=1,
+                             max_new_tokens=2))
+    finally:
+        del orms['crash_at_once']
+    assert not (tmp_path / 'new').exists()  # nor the folders it made: nothing to resume, nothing half-written
+
+
+def test_agent_rows_with_integer_ids_are_sampled(tiny_llama_dir, tmp_path):
+    call = {'role': 'tool_call', 'content': {'name': 'add', 'arguments': '{"a": 2, "b": 3}'}}
+    rows = [{'id': 7, 'tools': [{'type': 'function', 'function': {'name': 'add', 'parameters': {'type': 'object'}}}],
+             'messages': [{'role': 'user', 'content': 'Add 2 and 3.'}, call, {'role': 'tool_response', 'content': '5'},
+                          {'role': 'assistant', 'content': 'It is 5.'}]},
+            {'id': '8', 'messages': [{'role': 'user', 'content': 'Hi'}]}]
+    data = tmp_path / 'agent.jsonl'
+    data.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    lines = read_jsonl(sample_main(args(tiny_llama_dir, str(data), tmp_path, num_return_sequences=1,
+                                        max_new_tokens=2)))
+    assert [line['id'] for line in lines] == ['7', '8']
+    assert lines[0]['messages'][1]['content'] == json.dumps(call['content'])
