@@ -149,9 +149,11 @@ def training_rows(data, micro_batches: list[list[int]]) -> list[list[int]]:
 @torch.no_grad()
 def check_parameters_finite(models, step: int) -> None:
     """Refuse (``NonFiniteError`` on every rank) to save parameters that hold NaN/inf: one pass over this rank's
-    parameters, then one all-reduce. Called at each save, not each step."""
+    parameters (a float32 sum per tensor: NaN/inf propagate, nothing the size of a parameter is allocated), one
+    device sync and one all-reduce. Called at each save, not each step."""
     named = [(name, p) for m in models for name, p in m.named_parameters()]
-    finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist() if named else []
+    sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in named]) if named else torch.zeros(0)
+    finite = torch.isfinite(sums).tolist()
     bad = [name.removeprefix('module.') for (name, _), ok in zip(named, finite) if not ok]
     if agree_any([bool(bad)])[0]:
         where = f'{len(bad)} parameter tensors on this rank, e.g. {bad[:3]}' if bad else 'on another rank'
