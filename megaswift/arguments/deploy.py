@@ -11,7 +11,8 @@ from .serving import ServerArguments
 class DeployArguments(ArgumentsBase, ServerArguments, ModelArguments, PluginArguments):
     infer_backend: str = 'transformers'
     served_model_name: str | None = None
-    max_batch_size: int = 32
+    max_batch_size: int = 32           # sequences (prompts x n) per batch; a larger n is cut into pieces of this
+    #                                    size that take turns with other requests (seeded samples depend on it)
     engine_kwargs: str | None = None
     agent_template: str = 'hermes'     # how `tools` and tool messages are rendered and answers parsed for calls
 

@@ -8,7 +8,7 @@ from ..serving.openai_routes import create_openai_app
 
 
 def deploy_main(args: DeployArguments) -> None:
-    sock = bind(args.host, args.port)  # a port in use fails before the model loads
+    sock = bind(args.host, args.port, args.api_key)  # a port in use fails before the model loads
     kwargs = dict(args.engine_kwargs)
     if args.infer_backend == 'transformers':
         kwargs.setdefault('max_batch_size', 64)

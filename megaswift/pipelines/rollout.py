@@ -8,7 +8,7 @@ from ..serving.app import bind, serve
 
 
 def rollout_main(args: RolloutArguments) -> None:
-    sock = bind(args.host, args.port)  # a port in use fails before the model loads
+    sock = bind(args.host, args.port, args.api_key)  # a port in use fails before the model loads
     engine = get_rollout_engine(args.infer_backend, args.model, args.torch_dtype, args.data_parallel_size)
     app = create_rollout_app(engine, args.limits(), args.api_key, args.weight_sync_bucket_mb)
     try:

@@ -14,7 +14,9 @@ Every server (``megaswift deploy`` today) is ``build_app(limits, api_key)`` plus
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import secrets
 import signal
 import socket
@@ -32,6 +34,7 @@ from ..utils.errors import UserError
 from .limits import ServerLimits
 
 ModelT = TypeVar('ModelT', bound=BaseModel)
+logger = logging.getLogger(__name__)
 
 
 ERROR_TYPES = {400: 'invalid_request_error', 401: 'authentication_error', 404: 'not_found_error',
@@ -147,8 +150,9 @@ async def read_json(request: Request, model: type[ModelT]) -> ModelT:
     raw = await request.body()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        detail = e.msg if isinstance(e, json.JSONDecodeError) else 'not UTF-8'
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON, not UTF-8, an integer of over 4300 digits
+        detail = (e.msg if isinstance(e, json.JSONDecodeError) else 'not UTF-8' if isinstance(e, UnicodeDecodeError)
+                  else 'nested too deeply' if isinstance(e, RecursionError) else str(e))
         raise APIError(400, f'the body is not valid JSON: {detail}', code='invalid_json') from None
     try:
         return model.model_validate(data)
@@ -193,9 +197,22 @@ class ServeError(UserError, OSError):
     pass
 
 
-def bind(host: str = '127.0.0.1', port: int = 8000) -> socket.socket:
+def is_loopback(host: str) -> bool:
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host.strip('[]')).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, it is not known to be this machine only
+        return False
+
+
+def bind(host: str = '127.0.0.1', port: int = 8000, api_key: str | None = None) -> socket.socket:
     """A socket bound to ``host:port`` (0: a free port), not yet listening: bind before loading a model, so a
-    port in use fails at once, and clients are refused rather than left waiting while the model loads."""
+    port in use fails at once, and clients are refused rather than left waiting while the model loads. A
+    server that other machines can reach and that has no ``api_key`` is logged as a warning."""
+    if not api_key and not is_loopback(host):
+        logger.warning('listening on %s without an API key: anyone who can reach this address can use the server '
+                       '(set --api_key or $MEGASWIFT_API_KEY, or --host 127.0.0.1)', host)
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -1,22 +1,100 @@
 """The engine side of a server: one worker thread owns the engine; requests queue up and leave in batches.
 
-Concurrent requests with the same sampling parameters are batched into one ``engine.infer`` call (dynamic
-batching), so many clients share decode steps. A stream holds the engine alone while it runs, in a thread
-of its own, and hands its steps to the event loop; a client that goes away stops it at the next step.
+Fair scheduling. A request's ``n`` choices are cut into pieces of at most ``max_batch_size`` sequences
+(``split_choices``). Each cycle the worker takes the next piece of every waiting request in turn, round robin,
+until the cycle holds ``max_batch_size`` sequences (its first piece always goes in), and runs them; the requests
+that got a piece then go to the back of the line, behind those that arrived meanwhile. So a request of large
+``n`` is interleaved with the others: one sent behind it is answered after about one cycle, not after all of
+its ``n``. A request that timed out (or whose stream's client left) loses its remaining pieces.
+
+Batching. Pieces of one cycle with the same sampling parameters share one ``engine.infer`` call (dynamic
+batching), except where sharing would change an answer: an engine that pads prompts to the longest one
+(``encode_prompt``) decodes a batch only as far as its longest prompt leaves room, so requests share a call
+only when the engine leaves each of them the same room; and a seeded engine draws a repeated prompt's samples
+by its rank among the equal prompts of the call, so equal seeded requests never share one. A prompt that
+leaves no room fails its own request before it is batched. A stream runs alone, piece by piece, its steps
+handed to the event loop.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import asdict
+from collections import Counter, deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import asdict, dataclass, field, replace
 
-from ..infer_engine import InferEngine, InferRequest, RequestConfig
+from ..infer_engine import ChatCompletionResponse, InferEngine, InferRequest, RequestConfig
+from ..infer_engine.protocol import UsageInfo
 
 _END = object()
+
+
+def piece_seed(seed: int, piece: int) -> int:
+    """The seed of piece ``piece`` (> 0) of a seeded request: a function of the request's seed alone."""
+    digest = hashlib.blake2b(f'{seed}/{piece}'.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'big') >> 1
+
+
+def split_choices(cfg: RequestConfig, size: int) -> list[tuple[int, RequestConfig]]:
+    """``cfg``'s ``n`` choices as pieces of at most ``size``: (index of the piece's first choice, its config).
+    A request of at most ``size`` choices is one piece with ``cfg`` itself; in a longer seeded one, piece j > 0
+    is seeded with ``piece_seed(seed, j)``, so its samples depend on the request and ``size`` only."""
+    if cfg.n <= size:
+        return [(0, cfg)]
+    return [(first, replace(cfg, n=min(size, cfg.n - first),
+                            seed=cfg.seed if cfg.seed is None or j == 0 else piece_seed(cfg.seed, j)))
+            for j, first in enumerate(range(0, cfg.n, size))]
+
+
+def merge_pieces(parts: list[tuple[int, ChatCompletionResponse]]) -> ChatCompletionResponse:
+    """One response from its pieces' responses (each with the index of its first choice)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    parts = sorted(parts, key=lambda part: part[0])
+    head = parts[0][1]
+    choices = [replace(c, index=first + c.index) for first, response in parts for c in response.choices]
+    completion = sum(response.usage.completion_tokens for _, response in parts)
+    usage = UsageInfo(head.usage.prompt_tokens, completion, head.usage.prompt_tokens + completion)
+    return replace(head, choices=choices, usage=usage)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request in the worker's line: its pieces still to run and where its answer goes (``future`` for a whole
+    answer, ``stream`` for a stream's steps)."""
+    request: InferRequest
+    pieces: deque
+    future: Future | None = None
+    stream: 'EngineStream | None' = None
+    room: int | None = None          # new tokens the engine leaves its prompt (None: the engine does not say)
+    done: list = field(default_factory=list)
+
+    @property
+    def dropped(self) -> bool:
+        return self.future.cancelled() if self.stream is None else self.stream.cancelled.is_set()
+
+    def fail(self, error: BaseException) -> None:
+        self.pieces.clear()
+        if self.stream is not None:
+            self.stream.finish(error)
+        elif not self.future.cancelled():
+            _settle(self.future.set_exception, error)
+
+    def piece_done(self, first: int, response: ChatCompletionResponse) -> None:
+        self.done.append((first, response))
+        if not self.pieces and not self.future.cancelled():
+            _settle(self.future.set_result, merge_pieces(self.done))
+
+
+def _settle(setter, value) -> None:
+    try:
+        setter(value)
+    except InvalidStateError:  # cancelled (timed out) a moment ago: nobody waits for it
+        pass
 
 
 class DynamicBatcher:
@@ -29,106 +107,178 @@ class DynamicBatcher:
         threading.Thread(target=self._work, daemon=True, name='megaswift-batcher').start()
 
     def submit(self, request: InferRequest, cfg: RequestConfig) -> Future:
-        """A future of the response; cancelling it before its batch starts drops the request."""
+        """A future of the response; cancelling it drops the pieces of the request not yet run."""
         fut: Future = Future()
-        self.queue.put((request, cfg, fut))
+        self.queue.put(_Job(request, deque(split_choices(cfg, self.max_batch_size)), future=fut))
         return fut
 
+    async def infer(self, request: InferRequest, cfg: RequestConfig, timeout: float | None):
+        """The response, or TimeoutError after ``timeout`` seconds (its pieces not yet run are then dropped)."""
+        return await asyncio.wait_for(asyncio.wrap_future(self.submit(request, cfg)), timeout)
+
+    def stream(self, request: InferRequest, cfg: RequestConfig, timeout: float | None) -> 'EngineStream':
+        stream = EngineStream(timeout)
+        self.queue.put(_Job(request, deque(split_choices(cfg, self.max_batch_size)), stream=stream))
+        return stream
+
+    # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
+        line: deque[_Job] = deque()
         while True:
-            items = [self.queue.get()]
-            deadline = time.monotonic() + self.wait
-            while len(items) < self.max_batch_size:
-                try:
-                    items.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            groups: dict[str, list] = {}
-            for item in items:
-                if item[2].set_running_or_notify_cancel():  # False: cancelled (timed out) while queued
-                    groups.setdefault(json.dumps(asdict(item[1]), sort_keys=True), []).append(item)
-            for group in groups.values():
-                self._infer_group(group)
+            if not line:
+                self._admit(self.queue.get(), line)
+                self._gather(line)
+            arrived: deque[_Job] = deque()
+            while not self.queue.empty():
+                self._admit(self.queue.get_nowait(), arrived)
+            taken, waiting = self._cycle(line)
+            # the requests served this cycle go behind the ones that waited and the ones that just arrived
+            line = deque(job for job in (*waiting, *arrived, *taken) if job.pieces and not job.dropped)
+            self._run(taken)
+            line = deque(job for job in line if job.pieces and not job.dropped)
+
+    def _admit(self, job: _Job, line: deque) -> None:
+        """``job`` joins ``line``, unless it was dropped already or its prompt leaves no room (it fails alone)."""
+        if job.dropped:
+            return
+        try:
+            job.room = self._room(job.request, job.pieces[0][1])
+        except Exception as e:  # noqa: BLE001 - e.g. a prompt longer than the context: the client's own error
+            job.fail(e)
+            return
+        line.append(job)
+
+    def _room(self, request: InferRequest, cfg: RequestConfig) -> int | None:
+        """New tokens an engine that pads a batch to its longest prompt gives ``request`` alone (its ValueError
+        when none); None for engines that size each request's generation themselves."""
+        encode, room = getattr(self.engine, 'encode_prompt', None), getattr(self.engine, '_max_new_tokens', None)
+        if encode is None or room is None:
+            return None
+        return room(cfg, len(encode(request)))
+
+    def _gather(self, line: deque) -> None:
+        """Wait up to ``wait_ms`` for more requests to share the first cycle, while it has room."""
+        deadline = time.monotonic() + self.wait
+        while sum(job.pieces[0][1].n for job in line) < self.max_batch_size:
+            try:
+                self._admit(self.queue.get(timeout=max(0.0, deadline - time.monotonic())), line)
+            except queue.Empty:
+                return
+
+    def _cycle(self, line: deque) -> tuple[list[_Job], list[_Job]]:
+        """(the jobs whose next piece runs this cycle, the ones that wait), in line order."""
+        taken, waiting, sequences = [], [], 0
+        for job in line:
+            if job.dropped:
+                continue
+            n = job.pieces[0][1].n
+            if taken and sequences + n > self.max_batch_size:
+                waiting.append(job)
+            else:
+                taken.append(job)
+                sequences += n
+        return taken, waiting
+
+    def _run(self, taken: list[_Job]) -> None:
+        """Run the next piece of every job in ``taken``: the batchable ones grouped, each stream alone."""
+        groups: dict[tuple, list] = {}
+        equal_seeded: Counter = Counter()
+        for job in taken:
+            first, cfg = job.pieces.popleft()
+            if job.stream is not None:
+                self._run_stream_piece(job, first, cfg)
+                continue
+            same = (json.dumps(asdict(cfg), sort_keys=True), job.room)
+            rank = 0
+            if cfg.seed is not None:  # the k-th equal seeded prompt of the cycle goes to the k-th call
+                prompt = json.dumps([job.request.messages, job.request.tools], sort_keys=True, default=str)
+                rank = equal_seeded[same, prompt]
+                equal_seeded[same, prompt] += 1
+            groups.setdefault((*same, rank), []).append((job, first, cfg))
+        for group in groups.values():
+            self._infer_group(group)
 
     def _infer_group(self, group: list) -> None:
         try:
             with self.lock:
-                results = self.engine.infer([g[0] for g in group], group[0][1])
-            for (_, _, fut), res in zip(group, results):
-                fut.set_result(res)
+                results = self.engine.infer([job.request for job, _, _ in group], group[0][2])
+            for (job, first, _), response in zip(group, results):
+                job.piece_done(first, response)
         except Exception as e:
-            if len(group) > 1:  # one bad request (e.g. a prompt too long) must not fail the others: one by one
+            if len(group) > 1:  # one bad request must not fail the others: one by one
                 for item in group:
                     self._infer_group([item])
             else:
-                group[0][2].set_exception(e)
+                group[0][0].fail(e)
 
-    async def infer(self, request: InferRequest, cfg: RequestConfig, timeout: float | None):
-        """The response, or TimeoutError after ``timeout`` seconds (a queued request is then dropped)."""
-        return await asyncio.wait_for(asyncio.wrap_future(self.submit(request, cfg)), timeout)
+    def _run_stream_piece(self, job: _Job, first: int, cfg: RequestConfig) -> None:
+        stream = job.stream
+        try:
+            with self.lock:
+                steps = self._steps(job.request, cfg)
+                for deltas, finish, logprobs in steps:
+                    if stream.cancelled.is_set():
+                        break
+                    if stream.past_deadline():
+                        raise TimeoutError('the stream ran past the request timeout')
+                    stream.put((first, deltas, finish, logprobs))
+                if hasattr(steps, 'close'):
+                    steps.close()
+        except BaseException as e:  # handed to the event loop, raised by __anext__
+            job.fail(e)
+            return
+        if not job.pieces:
+            stream.finish()
 
-    def stream(self, request: InferRequest, cfg: RequestConfig, timeout: float | None) -> 'EngineStream':
-        return EngineStream(self, request, cfg, timeout)
+    def _steps(self, request: InferRequest, cfg: RequestConfig):
+        """The engine's ``infer_stream`` steps; an engine without token streaming gives the answer as one step."""
+        if hasattr(self.engine, 'infer_stream'):
+            return self.engine.infer_stream(request, cfg)
+        response = self.engine.infer([request], cfg)[0]
+        return iter([([c.message.content for c in response.choices], [c.finish_reason for c in response.choices],
+                      [c.logprobs.content if c.logprobs else [] for c in response.choices]
+                      if cfg.logprobs else None)])
 
 
 class EngineStream:
-    """Async iterator over ``(deltas, finish, logprobs)`` steps of one request (see ``infer_stream``).
+    """Async iterator over ``(first, deltas, finish, logprobs)`` steps of one request: the text deltas of the
+    choices ``first, first + 1, ...`` of a piece, their finish reasons on the piece's last step (else None) and,
+    with ``logprobs``, their new tokens' entries (see ``infer_stream``).
 
-    Engines without token streaming give the whole answer as one step. An engine error is raised by the
-    iterator; so is TimeoutError once ``timeout`` seconds (waiting for the engine included) have passed.
-    Call ``close()`` when done: the worker stops at its next step.
+    An engine error is raised by the iterator; so is TimeoutError once ``timeout`` seconds (waiting for the
+    engine included) have passed. Call ``close()`` when done: the worker stops at its next step.
     """
 
-    def __init__(self, batcher: DynamicBatcher, request: InferRequest, cfg: RequestConfig, timeout: float | None):
+    def __init__(self, timeout: float | None):
         self.loop = asyncio.get_running_loop()
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        threading.Thread(target=self._run, args=(batcher, request, cfg), daemon=True, name='megaswift-stream').start()
 
-    def _left(self) -> float:
-        return -1 if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
-    def _put(self, item) -> None:
+    def put(self, item) -> None:
         try:
             self.loop.call_soon_threadsafe(self.items.put_nowait, item)
         except RuntimeError:  # the event loop is closed (shutting down): nobody is listening any more
             self.cancelled.set()
 
-    def _run(self, batcher: DynamicBatcher, request: InferRequest, cfg: RequestConfig) -> None:
-        try:
-            if not batcher.lock.acquire(timeout=self._left()):
-                raise TimeoutError('waited too long for the engine')
-            try:
-                engine = batcher.engine
-                if hasattr(engine, 'infer_stream'):
-                    steps = engine.infer_stream(request, cfg)
-                else:
-                    response = engine.infer([request], cfg)[0]
-                    steps = iter([([c.message.content for c in response.choices],
-                                   [c.finish_reason for c in response.choices],
-                                   [c.logprobs.content if c.logprobs else [] for c in response.choices]
-                                   if cfg.logprobs else None)])
-                for step in steps:
-                    if self.cancelled.is_set():
-                        break
-                    if self.deadline is not None and time.monotonic() > self.deadline:
-                        raise TimeoutError('the stream ran past the request timeout')
-                    self._put(step)
-                if hasattr(steps, 'close'):
-                    steps.close()
-            finally:
-                batcher.lock.release()
-        except BaseException as e:  # handed to the event loop, raised by __anext__
-            self._put(e)
-        finally:
-            self._put(_END)
+    def finish(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self.put(error)
+        self.put(_END)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        item = await self.items.get()
+        left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        try:
+            item = await asyncio.wait_for(self.items.get(), left)
+        except TimeoutError:
+            self.close()
+            raise TimeoutError('waited too long for the engine') from None
         if item is _END:
             raise StopAsyncIteration
         if isinstance(item, BaseException):

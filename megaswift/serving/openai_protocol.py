@@ -39,9 +39,14 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+# OpenAI's roles, ``developer`` read as ``system``, and megaswift's agent roles.
+Role = Literal['system', 'developer', 'user', 'assistant', 'tool', 'tool_call', 'tool_response']
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (dividing the logits by it overflows float32)
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra='allow')
-    role: str = Field(min_length=1)
+    role: Role
     content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -60,7 +65,7 @@ class Tool(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra='ignore')
+    model_config = ConfigDict(extra='ignore', allow_inf_nan=False)
     model: str | None = None
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -72,7 +77,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)  # beyond these the float32 logits overflow
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -85,7 +90,8 @@ def _text(content: str | list[ContentPart] | None, where: str) -> str:
     parts = []
     for i, part in enumerate(content):
         if part.type != 'text' or part.text is None:
-            raise APIError(400, f"only text content parts are supported, got type '{part.type}'",
+            raise APIError(400, f"only text content is supported by this model: content part {i} is of type "
+                                f"'{part.type}' (send {{\"type\": \"text\", \"text\": ...}} parts or a string)",
                            f'{where}.content.{i}.type', 'unsupported_content')
         parts.append(part.text)
     return ''.join(parts)
@@ -134,7 +140,9 @@ def to_engine(body: ChatCompletionRequest, limits: ServerLimits,
         tools = None
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     try:
-        cfg = RequestConfig(max_tokens=max_tokens, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0),
+        temperature = _or(body.temperature, 1.0)
+        cfg = RequestConfig(max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+                            top_p=_or(body.top_p, 1.0),
                             top_k=_or(body.top_k, -1), n=n, seed=body.seed, stop=stop or None,
                             stream=bool(body.stream), repetition_penalty=_or(body.repetition_penalty, 1.0),
                             logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)

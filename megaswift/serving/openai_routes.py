@@ -107,10 +107,11 @@ class OpenAIRoutes:
         try:
             step = first
             while step is not None:
-                deltas, finish, logprobs = step
+                offset, deltas, finish, logprobs = step  # the choices offset, offset + 1, ... of one piece
                 choices = []
-                for k, text in enumerate(deltas):
-                    new_logprobs = [asdict(x) for x in logprobs[k]] if logprobs is not None else None
+                for i, text in enumerate(deltas):
+                    k = offset + i
+                    new_logprobs = [asdict(x) for x in logprobs[i]] if logprobs is not None else None
                     if tools is not None:  # held back until the end
                         held[k] += text
                         held_logprobs[k] += new_logprobs or []
@@ -118,10 +119,11 @@ class OpenAIRoutes:
                     if text or new_logprobs or finish or not started[k]:
                         choices.append({'index': k, 'delta': delta(k, {'content': text}),
                                         'logprobs': {'content': new_logprobs} if new_logprobs is not None else None,
-                                        'finish_reason': finish[k] if finish else None})
+                                        'finish_reason': finish[i] if finish else None})
                 if tools is not None and finish:
-                    choices = [self._whole_choice(k, held[k], finish[k], held_logprobs[k] if cfg.logprobs else None,
-                                                  tools, delta) for k in range(cfg.n)]
+                    choices = [self._whole_choice(k, held[k], finish[k - offset],
+                                                  held_logprobs[k] if cfg.logprobs else None, tools, delta)
+                               for k in range(offset, offset + len(deltas))]
                 if choices:
                     yield chunk(choices)
                 step = await anext(stream, None)

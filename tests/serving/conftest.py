@@ -16,17 +16,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope='module')
 def deploy(tmp_path_factory):
-    """``deploy(model_dir, *flags) -> base_url`` (``http://127.0.0.1:PORT/v1``); the servers stop with the module."""
+    """``deploy(model_dir, *flags, env=None) -> base_url`` (``http://127.0.0.1:PORT/v1``; ``env``: variables added
+    to the server's environment); the servers stop with the module."""
     procs = []
 
-    def start(model_dir: str, *flags: str) -> str:
+    def start(model_dir: str, *flags: str, env: dict | None = None) -> str:
         log = tmp_path_factory.mktemp('deploy') / 'stderr.log'
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
-                   PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+        server_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]),
+                          PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {}))
         with open(log, 'w') as err:
             proc = subprocess.Popen([sys.executable, '-m', 'megaswift.cli.main', 'deploy', '--model', model_dir,
                                      '--port', '0', '--torch_dtype', 'float32', *flags],
-                                    env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+                                    env=server_env, stdout=subprocess.PIPE, stderr=err, text=True)
         procs.append(proc)
         line = proc.stdout.readline()  # printed once the socket listens
         if ' at http://' not in line:

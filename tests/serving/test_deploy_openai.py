@@ -12,9 +12,10 @@ import pytest
 from megaswift.infer_engine import ClientEngine, InferRequest, RequestConfig, TransformersEngine
 from megaswift.utils.http import HTTPStatusError
 
+from chat_helpers import HELLO, chat, streamed, texts  # noqa: E402
+
 KEY = 'sk-test'
 MAX_BYTES = 65536
-HELLO = [{'role': 'user', 'content': 'Tell me about the sea.'}]
 TOO_LONG = [{'role': 'user', 'content': 'sea ' * 3000}]  # more tokens than the tiny model's 2048 positions
 IMAGE = [{'role': 'user', 'content': [{'type': 'image_url'}]}]
 
@@ -33,28 +34,6 @@ def client(url):
 @pytest.fixture(scope='module')
 def engine(tiny_llama_dir):
     return TransformersEngine(tiny_llama_dir, torch_dtype='float32')
-
-
-def chat(client, **kw):
-    return client.chat.completions.create(model='tiny', messages=kw.pop('messages', HELLO), **kw)
-
-
-def texts(response):
-    return [c.message.content for c in response.choices]
-
-
-def streamed(client, **kw) -> tuple[dict, dict, dict]:
-    """Per choice index: the concatenated text, the finish reason and the logprob entries of a streamed reply."""
-    text, finish, logprobs = {}, {}, {}
-    for chunk in chat(client, stream=True, **kw):
-        assert chunk.model == 'tiny' and chunk.object == 'chat.completion.chunk'
-        for c in chunk.choices:
-            text[c.index] = text.get(c.index, '') + (c.delta.content or '')
-            if c.finish_reason:
-                finish[c.index] = c.finish_reason
-            if c.logprobs and c.logprobs.content:
-                logprobs.setdefault(c.index, []).extend(c.logprobs.content)
-    return text, finish, logprobs
 
 
 # ------------------------------------------------------------------ the openai client
@@ -104,6 +83,14 @@ def test_logprobs_and_top_logprobs(client):
     assert chat(client, max_tokens=2).choices[0].logprobs is None
 
 
+def test_text_parts_are_joined_and_a_vanishing_temperature_is_greedy(client):
+    parts = [{'role': 'user', 'content': [{'type': 'text', 'text': 'Tell me '}, {'type': 'text', 'text': 'about '},
+                                          {'type': 'text', 'text': 'the sea.'}]}]
+    greedy = texts(chat(client, max_tokens=6, temperature=0))
+    assert texts(chat(client, messages=parts, max_tokens=6, temperature=0)) == greedy
+    assert texts(chat(client, max_tokens=6, temperature=1e-300)) == greedy  # not inf logits: a 500 before
+
+
 def test_wrong_api_key_is_401(url):
     bad = openai.OpenAI(base_url=url, api_key='sk-wrong', max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
@@ -142,6 +129,12 @@ BAD = [
     ({'messages': TOO_LONG, 'max_tokens': 4}, 400, 'leaves no room to generate', None),
     ({'messages': TOO_LONG, 'max_tokens': 4, 'stream': True}, 400, 'leaves no room to generate', None),
     ({'messages': HELLO, 'model': 'gpt-9'}, 404, "model 'gpt-9' does not exist", 'model'),
+    ({'messages': [{'role': 'banana', 'content': 'hi'}]}, 400, "Input should be 'system'", 'messages.0.role'),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', 400, 'finite number',
+     'repetition_penalty'),
+    ({'messages': HELLO, 'repetition_penalty': 1e-300}, 400, 'greater than or equal to 0.01', 'repetition_penalty'),
+    (b'[' * 20000 + b']' * 20000, 400, 'nested too deeply', None),
+    (b'{"messages": [], "n": ' + b'9' * 5000 + b'}', 400, 'not valid JSON', None),
     ({'messages': [{'role': 'user', 'content': 'x' * MAX_BYTES}]}, 413, 'larger than the limit of 65536', None),
 ]
 
@@ -149,7 +142,8 @@ BAD = [
 @pytest.mark.parametrize('body, status, match, param', BAD, ids=[
     'malformed-json', 'not-utf8', 'missing-messages', 'empty-messages', 'not-an-object', 'n-1e4', 'n-0',
     'max-tokens-1e9', 'bad-type', 'top-logprobs-alone', 'tool-choice-required', 'image-part', 'prompt-too-long',
-    'prompt-too-long-streamed', 'unknown-model', 'body-over-limit'])
+    'prompt-too-long-streamed', 'unknown-model', 'unknown-role', 'repetition-penalty-inf',
+    'repetition-penalty-1e-300', 'nested-20000-deep', 'int-of-5000-digits', 'body-over-limit'])
 def test_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(url, raw_http, body, status, match, param):
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
     code, reply = raw_http('POST', url + '/chat/completions', data, KEY)
