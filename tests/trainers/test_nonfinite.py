@@ -151,3 +151,21 @@ def test_on_nonfinite_is_checked_at_parse_time(monkeypatch):
     assert parse_args(SftArguments, ['--model', 'm', '--dataset', 'd.jsonl']).on_nonfinite == 'abort'
     with pytest.raises(CLIError, match=r"--on_nonfinite: unknown value 'ignore' \(abort, skip\)"):
         parse_args(SftArguments, ['--model', 'm', '--dataset', 'd.jsonl', '--on_nonfinite', 'ignore'])
+
+
+
+def _agree_on_two_ranks(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from megaswift.trainers.nonfinite import agree_any
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:  # flags: seen on rank 1 only, on rank 0 only, on no rank (the negative control)
+        Path(out, f'rank{rank}.json').write_text(json.dumps(agree_any([rank == 1, rank == 0, False])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_flag_of_one_rank_reaches_every_rank(tmp_path):
+    """The verdict's all-reduce on its own (2 gloo ranks): what any rank saw, every rank acts on."""
+    torch.multiprocessing.spawn(_agree_on_two_ranks, args=(str(tmp_path / 'store'), str(tmp_path)), nprocs=2)
+    assert [strict_loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)] == [[True, True, False]] * 2
