@@ -105,7 +105,7 @@ class NonFinitePolicy:
     def _handle(self, trainer, nonfinite: list[str], loss: float, grad_norm: Optional[float]) -> None:
         step = trainer.state.global_step + 1
         what = ' and '.join(name.replace('_', ' ') for name in nonfinite)
-        values = f'loss {loss:.6g}, grad norm {grad_norm if grad_norm is None else f"{grad_norm:.6g}"}'
+        values = f'loss {loss:.6g}, grad norm ' + ('n/a (fp16 overflow)' if grad_norm is None else f'{grad_norm:.6g}')
         main = trainer.is_main_process
         if self.mode == 'skip':
             self.skipped += 1
