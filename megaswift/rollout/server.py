@@ -20,10 +20,11 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 from ..serving.app import APIError, build_app, read_json, require_api_key
 from ..serving.limits import ServerLimits
+from ..serving.openai_protocol import ChatMessageIn, plain_messages
 from .engine import SamplingRequest
 from .weight_sync import DEFAULT_BUCKET_MB, DTYPES, WeightSyncError, nbytes
 
@@ -31,8 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 class RolloutRequest(BaseModel):
-    prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
+    model_config = ConfigDict(allow_inf_nan=False)
+    prompt_token_ids: list[NonNegativeInt] | None = None
+    messages: list[ChatMessageIn] | None = None
     n: int = Field(1, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -79,6 +81,7 @@ class UpdateWeightsBody(BaseModel):
 class RolloutRoutes:
     def __init__(self, engine, limits: ServerLimits, bucket_mb: float = DEFAULT_BUCKET_MB):
         self.engine, self.limits, self.bucket_mb = engine, limits, bucket_mb
+        self.vocab_size = _vocab_size(engine)
         self.router = APIRouter(dependencies=[Depends(require_api_key)])
         for path, fn, method in (('/info', self.info, 'GET'), ('/infer', self.infer, 'POST'),
                                  ('/init_communicator', self.init_communicator, 'POST'),
@@ -107,7 +110,13 @@ class RolloutRoutes:
             if r.max_tokens > self.limits.max_tokens_cap:
                 raise APIError(400, f'requests[{i}].max_tokens = {r.max_tokens} is over the limit of '
                                     f'{self.limits.max_tokens_cap} (--max_tokens_cap)', f'requests.{i}.max_tokens')
-            ids = r.prompt_token_ids if r.prompt_token_ids is not None else self.engine.prompt_ids(r.messages)
+            if r.prompt_token_ids is not None:
+                ids = r.prompt_token_ids
+                if ids and self.vocab_size is not None and max(ids) >= self.vocab_size:
+                    raise APIError(400, f'requests[{i}].prompt_token_ids holds {max(ids)}, out of the model\'s '
+                                        f'vocabulary of {self.vocab_size}', f'requests.{i}.prompt_token_ids')
+            else:
+                ids = self.engine.prompt_ids(plain_messages(r.messages, f'requests.{i}.messages'))
             reqs.append(SamplingRequest(ids, r.n, r.temperature, r.top_p, r.top_k, r.max_tokens, r.seed))
         try:
             results, version = await asyncio.wait_for(asyncio.to_thread(self.engine.infer, reqs),
@@ -159,6 +168,14 @@ class RolloutRoutes:
     async def close_communicator(self) -> dict[str, Any]:
         await asyncio.to_thread(self.engine.close_communicator)
         return {'status': 'ok'}
+
+
+def _vocab_size(engine) -> int | None:
+    """The token ids the engine's model takes (its embedding rows, or its tokenizer's ids); None: unknown."""
+    config = getattr(getattr(engine, 'model', None), 'config', None)
+    tokenizer = getattr(engine, 'tokenizer', None)
+    sizes = [getattr(config, 'vocab_size', None), len(tokenizer) if tokenizer is not None else None]
+    return max((size for size in sizes if size), default=None)
 
 
 def create_rollout_app(engine, limits: ServerLimits | None = None, api_key: str | None = None,

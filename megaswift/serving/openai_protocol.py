@@ -97,12 +97,13 @@ def _text(content: str | list[ContentPart] | None, where: str) -> str:
     return ''.join(parts)
 
 
-def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Plain dicts, content as one string, ``developer`` read as ``system``."""
+def plain_messages(messages: list[ChatMessageIn], where: str = 'messages') -> list[dict[str, Any]]:
+    """Plain dicts, content as one string (text parts joined), ``developer`` read as ``system``; ``where``: the
+    messages' place in the body, named by the 400 of a non-text part."""
     out = []
-    for i, m in enumerate(body.messages):
+    for i, m in enumerate(messages):
         msg = m.model_dump(exclude_none=True)
-        msg['content'] = _text(m.content, f'messages.{i}')
+        msg['content'] = _text(m.content, f'{where}.{i}')
         if msg['role'] == 'developer':
             msg['role'] = 'system'
         out.append(msg)
@@ -129,7 +130,7 @@ def to_engine(body: ChatCompletionRequest, limits: ServerLimits,
         raise APIError(400, "only tool_choice 'auto' and 'none' are supported", 'tool_choice', 'unsupported_value')
     if body.top_logprobs and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", 'top_logprobs', 'invalid_value')
-    messages = _messages(body)
+    messages = plain_messages(body.messages)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if uses_tools(body) else None
     agent_roles = any(m['role'] in ('tool', 'tool_call', 'tool_response') or m.get('tool_calls') for m in messages)
     if agent_template is not None and (tools or agent_roles):

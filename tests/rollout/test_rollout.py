@@ -171,6 +171,15 @@ def test_infer_batch_n_seed_and_errors(synced):
     assert a['results'][2]['prompt_token_ids'][-1] != PROMPT[-1]  # templated from messages
     with pytest.raises(RolloutError, match=r'400.*exactly one of'):
         client.infer([{'prompt_token_ids': PROMPT, 'messages': [{'role': 'user', 'content': 'x'}]}])
+    # client errors are 400s (before: 500 IndexError / UndefinedError / TypeError), and text parts are joined
+    for bad, match in (({'prompt_token_ids': [10 ** 9]}, "out of the model's vocabulary"),
+                       ({'prompt_token_ids': [-1]}, 'greater than or equal to 0'),
+                       ({'messages': [{'content': 'hi'}]}, r"'requests.0.messages.0.role' is required")):
+        with pytest.raises(RolloutError, match=rf'400.*{match}'):
+            client.infer([bad], max_tokens=2)
+    parts = [{'role': 'user', 'content': [{'type': 'text', 'text': 'h'}, {'type': 'text', 'text': 'i'}]}]
+    assert client.infer([{'messages': parts, 'n': 2, 'seed': 1}], temperature=1.0, max_tokens=6)['results'] == \
+        a['results'][2:]
     with pytest.raises(RolloutError, match=r'400.*no communicator'):
         client.update_weights({'names': [], 'shapes': [], 'dtypes': []}, last=True, nbytes=0)
 
