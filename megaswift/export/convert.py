@@ -40,14 +40,6 @@ def check_layout(hf_config, args) -> None:
     args.parallel_config(world_size=world_size(), hf_config=hf_config)
 
 
-def _load_hf_config(model_dir: str):
-    from transformers import AutoConfig
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as e:
-        raise ExportError(f"cannot read the HF config of '{model_dir}': {str(e).splitlines()[0]}") from None
-
-
 def _check_family(hf_config) -> None:
     from ..megatron import get_model_family
     try:
@@ -89,10 +81,10 @@ def hf_to_mcore(args) -> str:
     """Convert ``args.model`` (HF) to an mcore checkpoint at ``args.output_dir``; returns its path."""
     from ..megatron import load_hf_weights
     from ..megatron.checkpoint import save_mcore_checkpoint
-    from ..model import check_model_weights, resolve_model_dir
+    from ..model import check_model_weights, read_model_config, resolve_model_dir
     start = time.perf_counter()
     model_dir = resolve_model_dir(args.model)
-    hf_config = _load_hf_config(model_dir)
+    hf_config = read_model_config(model_dir)
     _check_family(hf_config)
     check_layout(hf_config, args)
     check_model_weights(model_dir, safetensors_only=True)
@@ -126,8 +118,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _checkpoint_hf_config(ckpt_dir: Path, meta: dict):
     from transformers import AutoConfig
+
+    from ..model import read_model_config
     if (ckpt_dir / 'config.json').is_file():
-        return _load_hf_config(str(ckpt_dir))
+        return read_model_config(ckpt_dir, '--mcore_model')
     cfg = dict(meta['hf_config'])
     model_type = cfg.pop('model_type', None)
     if not model_type:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .resolve import check_model_weights, resolve_model_dir
+from .resolve import ModelFolderError, check_model_weights, one_line, read_model_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +32,14 @@ def _cpu_has_fast_bf16() -> bool:
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def load_tokenizer(model: str):
+def load_tokenizer(model: str, flag: str = '--model'):
     from transformers import AutoTokenizer
     model_dir = resolve_model_dir(model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # missing or unreadable tokenizer files, a bad config
+        raise ModelFolderError(f"{flag}: cannot load the tokenizer of model folder '{model_dir}' (tokenizer.json / "
+                               f'tokenizer_config.json missing or unreadable?): {one_line(e)}') from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -47,9 +51,11 @@ def load_causal_lm(model: str, torch_dtype: str | None = 'auto', device: str | N
     from transformers import AutoModelForCausalLM
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model_dir = resolve_model_dir(model)
-    check_model_weights(model_dir)  # one line naming the folder, not transformers' OSError
-    dtype = parse_dtype(torch_dtype, device)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # one line naming the folder and what is wrong, before the weights are read (not transformers' OSError)
+    config = read_model_config(model_dir)
+    check_model_weights(model_dir)
     tok = load_tokenizer(model_dir)
+    dtype = parse_dtype(torch_dtype, device)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
     logger.info('loaded %s from %s (%s, %s)', model, model_dir, dtype, device)
     return lm, tok, model_dir

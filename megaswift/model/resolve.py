@@ -55,8 +55,27 @@ def _from_hub(model: str) -> str:
         f"model '{model}' is neither a local directory nor embedded ({embedded}), and the hub could not provide it ({reason})")
 
 
-class ModelWeightsError(UserError, FileNotFoundError):
+class ModelFolderError(UserError, OSError):
+    """An HF model folder whose config, tokenizer or weight files are missing or unreadable."""
+
+
+class ModelWeightsError(ModelFolderError, FileNotFoundError):
     """An HF model folder whose weight files are missing, incomplete or unreadable."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its type when it has none), cut at ``limit`` characters."""
+    text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def read_model_config(model_dir: str | os.PathLike, flag: str = '--model'):
+    """The HF config of ``model_dir``; an unreadable or unknown one is a one-line ``ModelFolderError``."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFolderError(f"{flag}: cannot read the HF config of '{model_dir}': {one_line(e)}") from None
 
 
 # (index file, single file) of each weight format transformers loads; megatron-core loads safetensors only
@@ -93,7 +112,7 @@ def check_model_weights(model_dir: str | os.PathLike, safetensors_only: bool = F
                 f.keys()
         except Exception as e:  # safetensors raises its own error types for a torn or foreign file
             raise ModelWeightsError(f"{flag}: model folder '{root}': weight file '{file}' is corrupt or truncated "
-                                    f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+                                    f'({type(e).__name__}: {one_line(e)})') from None
 
 
 def _indexed_weight_files(root: Path, index_name: str, flag: str) -> list[str]:

@@ -35,20 +35,17 @@ class Plan:
 def preflight(args) -> Plan:
     """Everything that can be checked from the flags, the model's config and the output directory."""
     from ..megatron import get_model_family
+    from ..model import load_tokenizer, read_model_config, resolve_model_dir
     from ..utils.errors import UserError
     if args.model:
-        from ..model import resolve_model_dir
         model_dir = resolve_model_dir(args.model)
     else:
         model_dir = args.mcore_model
         if not os.path.isfile(os.path.join(model_dir, 'config.json')):
             raise ArgumentError(f"--mcore_model '{model_dir}' has no config.json; pass --model too (the HF model "
                                 f'whose config and tokenizer to use)')
-    from transformers import AutoConfig
-    try:
-        hf_config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise ArgumentError(f"cannot read the HF config of '{model_dir}': {str(e).splitlines()[0]}") from None
+    hf_config = read_model_config(model_dir, '--model' if args.model else '--mcore_model')
+    load_tokenizer(model_dir, '--model' if args.model else '--mcore_model')  # unreadable: fails before the world
     try:
         get_model_family(hf_config)
         args.parallel_config(hf_config=hf_config)  # the model's heads and layers split over TP and PP x VPP
@@ -92,10 +89,11 @@ def preflight(args) -> Plan:
 
 
 def check_weights_to_load(args, model_dir: str, resume_dir: Optional[Path]) -> None:
-    """Every HF model folder the run may load weights from has them (megatron-core reads safetensors only):
+    """Every HF model folder the run may load weights from has a readable config and weights (megatron-core reads
+    safetensors only):
     ``--model`` unless a checkpoint (``--resume_from_checkpoint``, ``--mcore_model``) provides the weights and no
     frozen reference can default to it, and ``--ref_model`` / ``--teacher_model`` when given."""
-    from ..model import check_model_weights, resolve_model_dir
+    from ..model import check_model_weights, read_model_config, resolve_model_dir
     reference_from_model = bool(getattr(args, 'rlhf_type', None)) and not getattr(args, 'ref_model', None)
     folders = {model_dir: '--model'} if (resume_dir is None and not args.mcore_model) or reference_from_model else {}
     for flag in ('--ref_model', '--teacher_model'):
@@ -103,6 +101,7 @@ def check_weights_to_load(args, model_dir: str, resume_dir: Optional[Path]) -> N
         if other:
             folders.setdefault(resolve_model_dir(other), flag)
     for folder, flag in folders.items():
+        read_model_config(folder, flag)
         check_model_weights(folder, safetensors_only=True, flag=flag)
 
 
@@ -110,7 +109,7 @@ def check_same_tokenizer(model_dir: str, teacher: str) -> None:
     """Distillation compares distributions token by token: the teacher must share the student's vocabulary."""
     from ..model import load_tokenizer, resolve_model_dir
     teacher_dir = resolve_model_dir(teacher)
-    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(teacher_dir).get_vocab():
+    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(teacher_dir, '--teacher_model').get_vocab():
         raise ArgumentError(f"--teacher_model '{teacher}' has another tokenizer than --model '{model_dir}'; "
                             f'distillation needs the same vocabulary')
 

@@ -24,21 +24,34 @@ def data(tmp_path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def no_weights_dir(tmp_path, tiny_llama_dir) -> str:
-    """A model folder with config.json and the tokenizer but no weight file."""
-    out = tmp_path / 'no_weights'
+def broken_copy(tmp_path: Path, model_dir: str, what: str) -> str:
+    """A copy of ``model_dir`` with ``what`` broken: 'no_weights', 'no_tokenizer' or 'bad_config'."""
+    out = tmp_path / what
     out.mkdir()
-    for f in Path(tiny_llama_dir).iterdir():
-        if not f.name.endswith('.safetensors'):
+    dropped = {'no_weights': ('.safetensors',), 'no_tokenizer': ('tokenizer.json', 'tokenizer_config.json')}
+    for f in Path(model_dir).iterdir():
+        if not f.name.endswith(dropped.get(what, ())):
             shutil.copy(f, out / f.name)
+    if what == 'bad_config':
+        (out / 'config.json').write_text('{"model_type": "llama", ')
     return str(out)
 
 
+@pytest.fixture
+def no_weights_dir(tmp_path, tiny_llama_dir) -> str:
+    return broken_copy(tmp_path, tiny_llama_dir, 'no_weights')
+
+
 def run(capsys, argv: list[str]) -> str:
-    """The last stderr line of ``megaswift ARGV``, which must fail with exit code 1."""
+    """The last stderr line of ``megaswift ARGV``, which must fail with exit code 1. The environment is restored
+    after it (a run that got as far as its process group sets RANK, MASTER_PORT, ...)."""
     capsys.readouterr()
-    assert main([str(a) for a in argv]) == 1
+    environment = dict(os.environ)
+    try:
+        assert main([str(a) for a in argv]) == 1
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
@@ -53,17 +66,36 @@ def test_sample_without_weights_is_one_line_and_leaves_no_files(run_cli, no_weig
     assert not out.exists()  # no .part / .state.json of a run that never started
 
 
-@pytest.mark.parametrize('command, flags', [
-    ('sft', []),
-    ('rlhf', ['--rlhf_type', 'dpo']),
-])
-def test_training_without_weights_fails_before_any_file(capsys, no_weights_dir, data, tmp_path, command, flags):
-    out = tmp_path / 'run'
-    line = run(capsys, [command, '--model', no_weights_dir, '--dataset', data, '--output_dir', out, '--max_steps', 1,
-                        *flags])
-    assert line.startswith(f"megaswift {command}: error: --model: model folder '{no_weights_dir}' has a config.json "
-                           'but no weights: expected model.safetensors or model.safetensors.index.json')
+NO_WEIGHTS = "has a config.json but no weights: expected model.safetensors or model.safetensors.index.json"
+NO_TOKENIZER = 'cannot load the tokenizer of model folder'
+BAD_CONFIG = "cannot read the HF config of '{model}': It looks like the config file at '{model}/config.json' is not a valid"
+
+
+BROKEN_MODEL_CASES = [
+    ('sft', ['--max_steps', '1'], 'no_weights', f"model folder '{{model}}' {NO_WEIGHTS}"),
+    ('rlhf', ['--rlhf_type', 'dpo'], 'no_weights', f"model folder '{{model}}' {NO_WEIGHTS}"),
+    ('sample', [], 'no_tokenizer', f"{NO_TOKENIZER} '{{model}}'"),
+    ('sft', [], 'no_tokenizer', f"{NO_TOKENIZER} '{{model}}'"),
+    ('sample', [], 'bad_config', BAD_CONFIG),
+    ('sft', [], 'bad_config', BAD_CONFIG),
+]
+
+
+@pytest.mark.parametrize('command, flags, what, error', BROKEN_MODEL_CASES,
+                         ids=[f'{case[0]}-{case[2]}' for case in BROKEN_MODEL_CASES])
+def test_broken_model_folder_fails_before_any_file(capsys, tiny_llama_dir, data, tmp_path, command, flags, what,
+                                                   error):
+    model, out = broken_copy(tmp_path, tiny_llama_dir, what), tmp_path / 'run'
+    line = run(capsys, [command, '--model', model, '--dataset', data, '--output_dir', out, *flags])
+    assert line.startswith(f'megaswift {command}: error: --model: ' + error.format(model=model)), line
     assert not out.exists()
+
+
+@pytest.mark.parametrize('what', ['no_tokenizer', 'bad_config'])
+def test_template_with_a_broken_model_folder(capsys, tiny_llama_dir, data, tmp_path, what):
+    model = broken_copy(tmp_path, tiny_llama_dir, what)
+    line = run(capsys, ['template', '--model', model, '--data', data])
+    assert line.startswith(f"megaswift template: error: --model: {NO_TOKENIZER} '{model}'"), line
 
 
 def test_reference_model_without_weights_is_named(capsys, tiny_llama_dir, no_weights_dir, data, tmp_path):
@@ -98,7 +130,7 @@ def unwritable_output(tmp_path: Path, how: str) -> tuple[Path, str]:
     ('sample', ['--dataset', '{data}']),
     ('sft', ['--dataset', '{data}', '--max_steps', '1']),
     ('export', ['--to_mcore', 'true']),
-])
+], ids=['sample', 'sft', 'export'])
 def test_unwritable_output_dir_fails_before_the_model_is_built(capsys, tiny_llama_dir, data, tmp_path, command,
                                                                flags, how):
     out, reason = unwritable_output(tmp_path, how)
@@ -113,7 +145,7 @@ def test_unwritable_output_dir_fails_before_the_model_is_built(capsys, tiny_llam
      "field 'messages[1].content.arguments': must be a JSON object (or a string of one), got list [2, 3]"),
     ([{'role': 'system', 'content': 'Be brief.'}, ROW['messages'][1]],
      "field 'messages': nothing to answer: the conversation has no user turn before the last assistant turn"),
-])
+], ids=['tool_call_arguments', 'no_user_turn'])
 def test_sample_rejects_a_bad_row_before_loading_the_model(capsys, tiny_llama_dir, tmp_path, messages, error):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(json.dumps({'messages': messages}) + '\n')
