@@ -85,7 +85,7 @@ def _function_part(value: Any, source: RowSource, field: str, what: str) -> tupl
     call, and the field that names it."""
     if not isinstance(value, dict):
         raise DatasetError(source, f'must be {what}, got {describe(value)}', field)
-    if 'function' not in value:
+    if value.get('function') is None:  # None too: an HF dataset fills a key its other rows have with None
         return value, field
     if not isinstance(value['function'], dict):
         raise DatasetError(source, f"must be an object, got {describe(value['function'])}", f'{field}.function')
