@@ -98,6 +98,12 @@ def test_template_with_a_broken_model_folder(capsys, tiny_llama_dir, data, tmp_p
     assert line.startswith(f"megaswift template: error: --model: {NO_TOKENIZER} '{model}'"), line
 
 
+@pytest.mark.parametrize('command', ['deploy', 'rollout'])
+def test_servers_without_weights_fail_in_one_line(capsys, no_weights_dir, command):
+    line = run(capsys, [command, '--model', no_weights_dir, '--port', '0'])
+    assert line.startswith(f"megaswift {command}: error: --model: model folder '{no_weights_dir}' {NO_WEIGHTS}")
+
+
 def test_reference_model_without_weights_is_named(capsys, tiny_llama_dir, no_weights_dir, data, tmp_path):
     line = run(capsys, ['rlhf', '--rlhf_type', 'dpo', '--model', tiny_llama_dir, '--ref_model', no_weights_dir,
                         '--dataset', data, '--output_dir', tmp_path / 'run', '--max_steps', 1])
