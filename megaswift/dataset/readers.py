@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -26,12 +27,28 @@ def read_rows(path: str, raw_lines: bool = False) -> Iterator[Raw]:
     readers = {'.jsonl': _jsonl_lines if raw_lines else _read_jsonl, '.json': _read_json, '.csv': _read_csv}
     if suffix not in readers:
         raise DatasetError(RowSource(str(p), 1), f"unsupported file type '{suffix}' (use .jsonl, .json or .csv)")
-    yield from readers[suffix](p)
+    try:
+        yield from readers[suffix](p)
+    except OSError as e:  # permissions, a file that vanished or an I/O error while reading
+        raise DatasetError(str(p), f'cannot be read ({e.strerror or e})') from None
+
+
+def _decode(data: bytes, p: Path, first_line: int = 1) -> str:
+    """``data`` as UTF-8 text (a byte-order mark at the start of the file dropped); bytes that are not UTF-8 are a
+    ``DatasetError`` at their line and column."""
+    try:
+        return data.decode('utf-8-sig' if first_line == 1 else 'utf-8')
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b'\n', 0, e.start) + 1
+        src = RowSource(str(p), first_line + data.count(b'\n', 0, e.start))
+        raise DatasetError(src, f'is not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start - line_start + 1}); '
+                                f'save the file as UTF-8') from None
 
 
 def _jsonl_lines(p: Path) -> Iterator[tuple[str, RowSource]]:
-    with p.open(encoding='utf-8') as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open('rb') as f:
+        for lineno, data in enumerate(f, 1):
+            line = _decode(data, p, lineno)
             if line.strip():
                 yield line, RowSource(str(p), lineno)
 
@@ -53,7 +70,7 @@ def _read_jsonl(p: Path) -> Iterator[Raw]:
 
 def _read_json(p: Path) -> Iterator[Raw]:
     """A JSON array of objects (or one object). Line numbers are those where each object starts."""
-    text = p.read_text(encoding='utf-8')
+    text = _decode(p.read_bytes(), p)
     decoder = json.JSONDecoder()
     pos = _skip_ws(text, 0)
     if pos < len(text) and text[pos] == '{':
@@ -91,7 +108,7 @@ def _decode_at(decoder: json.JSONDecoder, text: str, pos: int, p: Path):
 
 
 def _read_csv(p: Path) -> Iterator[Raw]:
-    with p.open(encoding='utf-8', newline='') as f:
+    with io.StringIO(_decode(p.read_bytes(), p), newline='') as f:
         reader = csv.DictReader(f)
         for row in reader:
             src = RowSource(str(p), reader.line_num)

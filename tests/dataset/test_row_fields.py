@@ -81,3 +81,21 @@ def test_template_command_reports_the_field(capsys, smollm2_dir, tmp_path):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"megaswift template: error: {path}:1: field 'messages[1].content.arguments': is a string but not valid JSON "
         "(Expecting value): 'a=2, b=3'")
+
+
+@pytest.mark.parametrize('suffix, content, line', [
+    ('.jsonl', b'{"query": "fine"}\n{"query": "caf\xe9"}\n', 2),
+    ('.json', b'[\n {"query": "fine"},\n {"query": "caf\xe9"}\n]\n', 3),
+    ('.csv', b'query\nfine\ncaf\xe9\n', 3),
+])
+def test_text_that_is_not_utf8_is_named_with_its_line(tmp_path, suffix, content, line):
+    path = tmp_path / f'latin1{suffix}'
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf'latin1{suffix}:{line}: is not UTF-8 text \(byte 0xe9 at column'):
+        load_dataset(str(path))
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    path = tmp_path / 'notepad.jsonl'
+    path.write_bytes('\ufeff{"query": "first"}\r\n{"query": "second"}\r\n'.encode('utf-8'))
+    assert [row['messages'][0]['content'] for row in load_dataset(str(path))] == ['first', 'second']
