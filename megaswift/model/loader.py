@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from .resolve import ModelFolderError, check_model_weights, one_line, read_model_config, resolve_model_dir
+from ..utils.errors import one_line
+from .resolve import ModelFolderError, check_model_weights, read_model_config, resolve_model_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
-"""Turn ``--model`` (local dir, embedded hub id, or hub id) into a local HF directory."""
+"""Turn ``--model`` (local dir, embedded hub id, or hub id) into a local HF directory; check its config and weights."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-from ..utils.errors import UserError
+from ..utils.errors import UserError, one_line
 from .embedded import EMBEDDED_MODELS, embedded_model_dir, find_embedded
 
 
@@ -61,12 +61,6 @@ class ModelFolderError(UserError, OSError):
 
 class ModelWeightsError(ModelFolderError, FileNotFoundError):
     """An HF model folder whose weight files are missing, incomplete or unreadable."""
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (its type when it has none), cut at ``limit`` characters."""
-    text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def read_model_config(model_dir: str | os.PathLike, flag: str = '--model'):

@@ -12,6 +12,7 @@ from ..infer_engine import RequestConfig, get_infer_engine
 from ..model import check_model_weights, resolve_model_dir
 from ..rewards import get_orm, get_prm, score_completions
 from ..utils import dist
+from ..utils.errors import ArgumentError, UserError, one_line
 from ..utils.paths import check_output_dir_writable
 from .cache import load_cached_samples
 from .output import OutputError, SampleOutput, default_output_file, find_resumable
@@ -29,6 +30,19 @@ def shard_bounds(num_rows: int, shard: tuple[int, int] | None) -> tuple[int, int
     base, extra = divmod(num_rows, count)
     start = index * base + min(index, extra)
     return start, start + base + (index < extra)
+
+
+def load_reward(getter, name: str | None, kwargs: dict, flag: str):
+    """``getter(name, **kwargs)`` (``get_orm`` / ``get_prm``), or None without ``name``; a reward model folder that
+    cannot be loaded (no weights, an unsupported architecture) or kwargs its class refuses fail in one line."""
+    if not name:
+        return None
+    try:
+        return getter(name, **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError, TypeError) as e:
+        raise ArgumentError(f"{flag} '{name}': {one_line(e)}") from None
 
 
 class Sampler:
@@ -96,8 +110,8 @@ class Sampler:
                 raise OutputError(f'--sampler_engine no: {len(missing)} prompts have no cached samples in '
                                  f'{a.cache_files} (first: {missing[0].source}, id {missing[0].id})')
         # rewards first: a wrong reward name fails before the policy is loaded
-        orm = get_orm(a.orm_model, **a.orm_kwargs) if a.orm_model else None
-        prm = get_prm(a.prm_model, **a.prm_kwargs) if a.prm_model else None
+        orm = load_reward(get_orm, a.orm_model, a.orm_kwargs, '--orm_model')
+        prm = load_reward(get_prm, a.prm_model, a.prm_kwargs, '--prm_model')
         engine = None
         if a.sampler_engine != 'no' and any(self._responses_from_cache(p) is None for p in self.prompts):
             check_model_weights(resolve_model_dir(a.model))  # every backend: one line, before it starts

@@ -11,3 +11,9 @@ class ArgumentError(UserError, ValueError):
 
 class TrainDataError(UserError, ValueError):
     """Training data that cannot be used as given (an empty set, a split that leaves nothing, a missing column)."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (its type when it has none), cut at ``limit`` characters."""
+    text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + '...'

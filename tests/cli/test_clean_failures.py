@@ -159,3 +159,15 @@ def test_sample_rejects_a_bad_row_before_loading_the_model(capsys, tiny_llama_di
     line = run(capsys, ['sample', '--model', tiny_llama_dir, '--dataset', bad, '--output_dir', out])
     assert line == f'megaswift sample: error: {bad}:1: {error}'
     assert not out.exists()
+
+
+@pytest.mark.parametrize('architecture', ['LlamaForCausalLM', 'LlamaForSequenceClassification'])
+def test_sample_with_an_unusable_reward_model_fails_in_one_line(capsys, tiny_llama_dir, no_weights_dir, data, tmp_path,
+                                                                architecture):
+    config = Path(no_weights_dir) / 'config.json'  # a causal LM is no reward model; a classifier has no weights here
+    config.write_text(json.dumps({**json.loads(config.read_text()), 'architectures': [architecture]}))
+    out = tmp_path / 'samples'
+    line = run(capsys, ['sample', '--model', tiny_llama_dir, '--orm_model', no_weights_dir, '--dataset', data,
+                        '--output_dir', out])
+    assert line.startswith(f"megaswift sample: error: --orm_model '{no_weights_dir}': "), line
+    assert not out.exists()
