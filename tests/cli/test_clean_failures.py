@@ -68,7 +68,8 @@ def test_sample_without_weights_is_one_line_and_leaves_no_files(run_cli, no_weig
 
 NO_WEIGHTS = "has a config.json but no weights: expected model.safetensors or model.safetensors.index.json"
 NO_TOKENIZER = 'cannot load the tokenizer of model folder'
-BAD_CONFIG = "cannot read the HF config of '{model}': It looks like the config file at '{model}/config.json' is not a valid"
+BAD_CONFIG = ("cannot read the HF config of '{model}': It looks like the config file at '{model}/config.json' is not "
+              'a valid')
 
 
 BROKEN_MODEL_CASES = [
