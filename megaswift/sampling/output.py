@@ -41,12 +41,28 @@ def find_resumable(output_dir: Path, shard: tuple[int, int] | None, fingerprint:
         if not name.endswith(suffix) or (shard is None and '-shard' in name):
             continue
         try:
-            state = json.loads(state_path.read_text(encoding='utf-8'))
-        except (OSError, json.JSONDecodeError):
+            state = read_state(state_path)
+        except OutputError:  # not a run this one can continue
             continue
-        if state.get('fingerprint') == fingerprint:
+        if state['fingerprint'] == fingerprint:
             found.append((state_path.stat().st_mtime, name))
     return max(found)[1] if found else None
+
+
+STATE_KEYS = {'next_batch': int, 'bytes': int, 'stats': dict, 'fingerprint': dict}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The state file of an unfinished run; one that is not what ``SampleOutput`` writes is an ``OutputError``."""
+    try:
+        state = json.loads(path.read_text(encoding='utf-8'))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OutputError(f'cannot resume from {path}: it is unreadable or not JSON ({e})') from None
+    wrong = [k for k, kind in STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise OutputError(f'cannot resume from {path}: it is not a sample state file (bad or missing: '
+                          f"{', '.join(wrong)}); pass --override_exist_file true to start over")
+    return state
 
 
 class SampleOutput:
@@ -82,7 +98,7 @@ class SampleOutput:
             if self.path.exists():
                 raise OutputError(f'{self.path} is already complete: nothing to resume')
             raise OutputError(f'no unfinished run of {self.path} to resume ({self.state_path.name} is missing)')
-        state = json.loads(self.state_path.read_text(encoding='utf-8'))
+        state = read_state(self.state_path)
         if state['fingerprint'] != self.fingerprint:
             diff = sorted(k for k in set(state['fingerprint']) | set(self.fingerprint)
                           if state['fingerprint'].get(k) != self.fingerprint.get(k))

@@ -114,7 +114,8 @@ class Sampler:
         prm = load_reward(get_prm, a.prm_model, a.prm_kwargs, '--prm_model')
         engine = None
         if a.sampler_engine != 'no' and any(self._responses_from_cache(p) is None for p in self.prompts):
-            check_model_weights(resolve_model_dir(a.model))  # every backend: one line, before it starts
+            if a.sampler_engine != 'client':  # every local backend: one line before it starts (client: a server)
+                check_model_weights(resolve_model_dir(a.model))
             kwargs = dict(a.engine_kwargs)
             if a.sampler_engine == 'transformers':
                 kwargs.setdefault('max_batch_size', a.max_batch_size)

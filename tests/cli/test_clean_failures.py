@@ -172,3 +172,20 @@ def test_sample_with_an_unusable_reward_model_fails_in_one_line(capsys, tiny_lla
                         '--output_dir', out])
     assert line.startswith(f"megaswift sample: error: --orm_model '{no_weights_dir}': "), line
     assert not out.exists()
+
+
+@pytest.mark.parametrize('state, output_file, error', [
+    ('{"next_batch": 0', 'r.jsonl', 'cannot resume from {dir}/r.jsonl.state.json: it is unreadable or not JSON'),
+    ('[1]', 'r.jsonl', 'cannot resume from {dir}/r.jsonl.state.json: it is not a sample state file'),
+    ('[1]', None, '--resume: no unfinished run in {dir} matches these arguments'),
+], ids=['torn', 'not_a_state', 'not_a_state_found'])
+def test_resume_from_a_broken_state_file_fails_in_one_line(capsys, tiny_llama_dir, data, tmp_path, state, output_file,
+                                                           error):
+    out = tmp_path / 'samples'
+    out.mkdir()
+    (out / 'r.jsonl.state.json').write_text(state)
+    (out / 'r.jsonl.part').write_text('')
+    line = run(capsys, ['sample', '--model', tiny_llama_dir, '--dataset', data, '--output_dir', out, '--resume', 'true',
+                        *(['--output_file', output_file] if output_file else [])])
+    assert line.startswith('megaswift sample: error: ' + error.format(dir=out)), line
+    assert sorted(p.name for p in out.iterdir()) == ['r.jsonl.part', 'r.jsonl.state.json']  # a run's state is kept
