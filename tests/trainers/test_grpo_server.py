@@ -115,7 +115,10 @@ def test_killed_server_fails_the_trainer_with_a_clear_error(setup):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 1, err[-3000:]
-    assert time.monotonic() - t0 < 60
+    # a kill during /update_weights is noticed when the gloo broadcast times out (--rollout_timeout 60); the rest
+    # is the trainer's exit, slow on a loaded machine (61 s in all was seen at load 39 on 2 cores). A hang is
+    # caught by communicate(timeout=120) above.
+    assert time.monotonic() - t0 < 60 + 45
     errors = [line[line.index('megaswift rlhf: error: '):] for line in err.splitlines()
               if 'megaswift rlhf: error: ' in line]  # (the progress bar shares stderr)
     assert len(errors) == 1 and url in errors[0], err[-3000:]  # during /infer or /update_weights
