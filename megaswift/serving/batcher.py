@@ -123,21 +123,20 @@ class DynamicBatcher:
 
     # ---------------------------------------------------------------- the worker
     def _work(self) -> None:
-        line: deque[_Job] = deque()
+        waiting: list[_Job] = []  # in line order: not served last cycle
+        served: list[_Job] = []   # served last cycle: they go behind the requests that arrived meanwhile
         while True:
-            if not line:
-                self._admit(self.queue.get(), line)
-                self._gather(line)
-            arrived: deque[_Job] = deque()
+            if not waiting and not served:
+                self._admit(self.queue.get(), waiting)
+                self._gather(waiting)
+            arrived: list[_Job] = []
             while not self.queue.empty():
                 self._admit(self.queue.get_nowait(), arrived)
-            taken, waiting = self._cycle(line)
-            # the requests served this cycle go behind the ones that waited and the ones that just arrived
-            line = deque(job for job in (*waiting, *arrived, *taken) if job.pieces and not job.dropped)
-            self._run(taken)
-            line = deque(job for job in line if job.pieces and not job.dropped)
+            line = [job for job in (*waiting, *arrived, *served) if job.pieces and not job.dropped]
+            served, waiting = self._cycle(line)
+            self._run(served)
 
-    def _admit(self, job: _Job, line: deque) -> None:
+    def _admit(self, job: _Job, line: list) -> None:
         """``job`` joins ``line``, unless it was dropped already or its prompt leaves no room (it fails alone)."""
         if job.dropped:
             return
@@ -156,7 +155,7 @@ class DynamicBatcher:
             return None
         return room(cfg, len(encode(request)))
 
-    def _gather(self, line: deque) -> None:
+    def _gather(self, line: list) -> None:
         """Wait up to ``wait_ms`` for more requests to share the first cycle, while it has room."""
         deadline = time.monotonic() + self.wait
         while sum(job.pieces[0][1].n for job in line) < self.max_batch_size:
@@ -165,12 +164,10 @@ class DynamicBatcher:
             except queue.Empty:
                 return
 
-    def _cycle(self, line: deque) -> tuple[list[_Job], list[_Job]]:
+    def _cycle(self, line: list) -> tuple[list[_Job], list[_Job]]:
         """(the jobs whose next piece runs this cycle, the ones that wait), in line order."""
         taken, waiting, sequences = [], [], 0
         for job in line:
-            if job.dropped:
-                continue
             n = job.pieces[0][1].n
             if taken and sequences + n > self.max_batch_size:
                 waiting.append(job)

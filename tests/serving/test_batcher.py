@@ -42,6 +42,20 @@ def test_timeouts_free_the_client_and_drop_queued_requests(batcher):
     assert ['queued'] not in batcher.engine.calls and batcher.engine.calls[-1] == ['after']
 
 
+def test_a_request_arriving_while_large_n_runs_goes_before_its_next_piece(batcher):
+    """max_batch_size 1: n=3 is three pieces; a request that arrives during the first runs before the second."""
+    async def run():
+        large = asyncio.ensure_future(batcher.infer(ask('large'), RequestConfig(max_tokens=60, temperature=1, n=3),
+                                                    None))
+        await asyncio.sleep(0.05)  # the first piece of 'large' holds the engine
+        normal = await batcher.infer(ask('normal'), RequestConfig(max_tokens=2, temperature=0), None)
+        return await large, normal
+    batcher.engine.calls.clear()
+    large, normal = asyncio.run(run())
+    assert batcher.engine.calls == [['large'], ['normal'], ['large'], ['large']]
+    assert [c.index for c in large.choices] == [0, 1, 2] and len(normal.choices) == 1
+
+
 def test_stream_times_out_and_stops(batcher):
     async def run(timeout):
         steps, start = 0, time.monotonic()
