@@ -50,6 +50,15 @@ def normalize_row(row: dict[str, Any], source: RowSource) -> dict[str, Any]:
     return out
 
 
+def check_text_row(row: dict[str, Any], source: RowSource) -> dict[str, Any]:
+    """A row for plain-text training (``pt`` without a chat template), whose ``text`` must be a string when given;
+    the row is returned unchanged."""
+    text = row.get('text')
+    if text is not None and not isinstance(text, str):
+        raise DatasetError(source, f'must be a string, got {describe(text)}', 'text')
+    return row
+
+
 def _check_messages(messages: Any, source: RowSource, field: str) -> list[dict]:
     if isinstance(messages, str):
         try:

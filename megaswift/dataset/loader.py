@@ -15,7 +15,7 @@ import numpy as np
 
 from ..utils.errors import TrainDataError
 from .errors import RowSource
-from .formats import normalize_row
+from .formats import check_text_row, normalize_row
 from .readers import read_rows
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _read_part(path: str, n: int | None, rng: np.random.Generator, normalize: bo
     """The rows of one file (normalised or raw); ``n`` rows drawn with ``rng`` when given."""
     part = Dataset()
     for row, src in read_rows(path):
-        part.rows.append(normalize_row(row, src) if normalize else row)
+        part.rows.append(normalize_row(row, src) if normalize else check_text_row(row, src))
         part.sources.append(src)
     if not part.rows:
         raise empty_error(f"dataset '{path}' has no rows")

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..utils.errors import UserError
 from .errors import RowSource
-from .formats import normalize_row
+from .formats import check_text_row, normalize_row
 from .loader import parse_dataset_spec
 from .readers import parse_jsonl_line, read_rows
 
@@ -85,7 +85,7 @@ class RowStream:
         self.position += 1
         payload, src = rec
         row = payload if isinstance(payload, dict) else parse_jsonl_line(payload, src)
-        return (normalize_row(row, src) if self.chat else row), src
+        return (normalize_row(row, src) if self.chat else check_text_row(row, src)), src
 
     def take(self, n: int) -> list[tuple[dict, RowSource]]:
         """Up to ``n`` rows; fewer only at the end of the epoch."""

@@ -99,3 +99,11 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     path = tmp_path / 'notepad.jsonl'
     path.write_bytes('\ufeff{"query": "first"}\r\n{"query": "second"}\r\n'.encode('utf-8'))
     assert [row['messages'][0]['content'] for row in load_dataset(str(path))] == ['first', 'second']
+
+
+def test_plain_text_rows_need_a_string_text(tmp_path):
+    from megaswift.dataset import load_rows
+    path = tmp_path / 'corpus.jsonl'
+    path.write_text('{"text": "fine"}\n{"text": ["a", "list"]}\n')
+    with pytest.raises(DatasetError, match=rf"corpus.jsonl:2: field 'text': must be a string, got list \['a', 'list'\]"):
+        load_rows([str(path)], seed=0, chat=False)
