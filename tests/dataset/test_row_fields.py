@@ -105,5 +105,5 @@ def test_plain_text_rows_need_a_string_text(tmp_path):
     from megaswift.dataset import load_rows
     path = tmp_path / 'corpus.jsonl'
     path.write_text('{"text": "fine"}\n{"text": ["a", "list"]}\n')
-    with pytest.raises(DatasetError, match=rf"corpus.jsonl:2: field 'text': must be a string, got list \['a', 'list'\]"):
+    with pytest.raises(DatasetError, match=r"corpus.jsonl:2: field 'text': must be a string, got list \['a', 'list'\]"):
         load_rows([str(path)], seed=0, chat=False)
