@@ -5,7 +5,9 @@ Files, for an output ``X.jsonl``:
 - ``X.jsonl.state.json``: the next batch to run, the committed size of ``.part``, counters and
   the fingerprint of the arguments that shape the output (written atomically after the lines);
 - ``X.jsonl``: appears only when the run finishes (``.part`` renamed), with ``X.jsonl.meta.json``.
-Each output file has its own state, so shards in one directory never share resume state.
+Each output file has its own state, so shards in one directory never share resume state. No file (nor the
+output folder) is made before the inputs and the model are ready, and a run that fails before its first batch is
+committed removes what it made; an earlier run's resumable files are never removed.
 """
 from __future__ import annotations
 
