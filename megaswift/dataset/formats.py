@@ -3,8 +3,9 @@
 Supported: ``messages`` (OpenAI roles plus tool_call / tool_response), alpaca
 (``instruction``/``input``/``output``), sharegpt (``conversations`` with from/value), and
 ``query``/``response`` (+ ``history``, ``system``). Columns that are not part of the
-conversation (``solution``, ``tools``, ``images``, ids, preference columns ...) are kept unchanged, except a
-preference pair's ``rejected_messages``, which is checked like ``messages``.
+conversation (``solution``, ``tools``, ids, preference columns ...) are kept, those megaswift reads checked; a
+preference pair's ``rejected_messages`` is checked like ``messages``. Media (``images``, ``videos``, ``audios``) are
+refused: megaswift's models read text only, and training or sampling such a row without them would be wrong.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .tools import check_tool_call, check_tool_calls, check_tools
 
 ROLES = ('system', 'user', 'assistant', 'tool', 'tool_call', 'tool_response')
 TOOL_RESPONSE_ROLES = ('tool', 'tool_response')
+MEDIA_COLUMNS = ('images', 'videos', 'audios')
 _SHAREGPT_ROLES = {'system': 'system', 'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant',
                    'function_call': 'tool_call', 'tool_call': 'tool_call', 'observation': 'tool_response',
                    'tool': 'tool_response', 'tool_response': 'tool_response'}
@@ -44,6 +46,10 @@ def normalize_row(row: dict[str, Any], source: RowSource) -> dict[str, Any]:
         out['tools'] = check_tools(out['tools'], source)
     if 'solution' in out and out['solution'] is not None and not isinstance(out['solution'], str):
         out['solution'] = str(out['solution'])
+    for media in MEDIA_COLUMNS:
+        if out.get(media):
+            raise DatasetError(source, f"megaswift's models read text only, and this row would be used without its "
+                                       f'{media}; remove the column (or these rows) to use the text alone', media)
     row_key = out.get('id')  # matches cached samples to prompts (``megaswift sample``)
     if row_key is not None and (isinstance(row_key, bool) or not isinstance(row_key, (str, int))):
         raise DatasetError(source, f'must be a string or an integer, got {describe(row_key)}', 'id')

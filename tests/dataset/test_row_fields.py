@@ -58,6 +58,8 @@ BAD_ROWS = [
     ({'messages': [USER, {**ANSWER, 'reasoning_content': ['think']}]}, 'messages[1].reasoning_content',
      "must be a string, got list ['think']"),
     ({'messages': [USER, ANSWER], 'id': {'n': 1}}, 'id', "must be a string or an integer, got dict {'n': 1}"),
+    ({'messages': [{'role': 'user', 'content': '<image>What is this?'}, ANSWER], 'images': ['cat.png']}, 'images',
+     "megaswift's models read text only, and this row would be used without its images"),
     ({'conversations': [{'from': 'human', 'value': 'Add 2 and 3.'}, {'from': 'function_call', 'value': '{"name": ""}'},
                         {'from': 'observation', 'value': '5'}]},
      'conversations[1].content.name', "must be a non-empty string, got str ''"),
