@@ -12,8 +12,9 @@ class ServerLimits:
       while reading a chunked body).
     - ``max_n``: the largest ``n`` (choices per request); more is 400.
     - ``max_tokens_cap``: the largest ``max_tokens`` / ``max_completion_tokens``; more is 400.
-    - ``max_concurrency``: requests in flight at once (streams until their last chunk); one more gets 429
-      with ``Retry-After``. ``/health`` is never counted.
+    - ``max_concurrency``: requests in flight at once (streams until their last chunk), those waiting for the
+      engine included, so it is also the cap on the queue's depth; one more gets 429 with ``Retry-After`` at once.
+      ``/health`` is never counted.
     - ``request_timeout``: seconds a request may wait for and use the engine; then 503 (a request still
       queued is dropped; a running batch cannot be interrupted and finishes unread). 0 disables it.
     """
