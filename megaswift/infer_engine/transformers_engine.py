@@ -49,7 +49,9 @@ class TransformersEngine(InferEngine):
             mask[i, width - len(p):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _max_new_tokens(self, cfg: RequestConfig, prompt_len: int) -> int:
+    def max_new_tokens(self, cfg: RequestConfig, prompt_len: int) -> int:
+        """New tokens a batch whose longest prompt has ``prompt_len`` tokens gets (``ValueError`` when none): the
+        servers' batcher groups requests by it, so a long prompt never shortens the answers batched with it."""
         limit = cfg.max_tokens or 2048
         if self.max_length:
             limit = min(limit, self.max_length - prompt_len)
@@ -75,7 +77,7 @@ class TransformersEngine(InferEngine):
     def _infer_batch(self, prompts: list[list[int]], cfg: RequestConfig) -> list[ChatCompletionResponse]:
         ids, mask = self._left_pad(prompts)
         generators = row_generators(prompts, cfg.n, cfg.seed) if cfg.seed is not None else None
-        max_new = self._max_new_tokens(cfg, ids.shape[1])
+        max_new = self.max_new_tokens(cfg, ids.shape[1])
         state = None
         for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, generators):
             if cfg.stop and self._all_hit_stop_words(state, cfg.stop):
@@ -139,7 +141,7 @@ class TransformersEngine(InferEngine):
         sent = [''] * cfg.n
         logged = [0] * cfg.n  # tokens whose log-probs were sent, per choice
         state = None
-        for state in decode(self.model, ids, mask, cfg, self._max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
+        for state in decode(self.model, ids, mask, cfg, self.max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
                             self.pad_token_id, generators):
             deltas, logprobs = [], [] if cfg.logprobs else None
             for k in range(cfg.n):

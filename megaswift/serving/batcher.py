@@ -150,7 +150,7 @@ class DynamicBatcher:
     def _room(self, request: InferRequest, cfg: RequestConfig) -> int | None:
         """New tokens an engine that pads a batch to its longest prompt gives ``request`` alone (its ValueError
         when none); None for engines that size each request's generation themselves."""
-        encode, room = getattr(self.engine, 'encode_prompt', None), getattr(self.engine, '_max_new_tokens', None)
+        encode, room = getattr(self.engine, 'encode_prompt', None), getattr(self.engine, 'max_new_tokens', None)
         if encode is None or room is None:
             return None
         return room(cfg, len(encode(request)))
