@@ -55,3 +55,33 @@ def run_cli():
                                  f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
         return proc
     return _run
+
+
+@pytest.fixture(scope='session')
+def run_main():
+    """``megaswift ARGS`` in this process, for runs that must fail before any model is built (a subprocess costs
+    ~2-5 s of imports each): returns a CompletedProcess with the exit code and what was printed (log lines go to
+    the handlers set up at the first run, not into it). The environment is restored afterwards, and a run that
+    initialised a process group fails the test (the next in-process run would inherit it)."""
+    import contextlib
+    import io
+    import subprocess
+
+    import torch.distributed
+
+    from megaswift.cli.main import main
+
+    def _run(args, env=None):
+        saved = dict(os.environ)
+        os.environ.update(env or {})
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([str(a) for a in args])
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        assert not torch.distributed.is_initialized(), 'the run got as far as its process group'
+        return subprocess.CompletedProcess(['megaswift', *map(str, args)], code, out.getvalue(), err.getvalue())
+    return _run
+

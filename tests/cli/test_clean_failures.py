@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from megaswift.cli.main import main
 
 ROW = {'messages': [{'role': 'user', 'content': 'What is 2 + 3?'}, {'role': 'assistant', 'content': '5'}],
        'rejected_response': '6'}
@@ -42,17 +41,11 @@ def no_weights_dir(tmp_path, tiny_llama_dir) -> str:
     return broken_copy(tmp_path, tiny_llama_dir, 'no_weights')
 
 
-def run(capsys, argv: list[str]) -> str:
-    """The last stderr line of ``megaswift ARGV``, which must fail with exit code 1. The environment is restored
-    after it (a run that got as far as its process group sets RANK, MASTER_PORT, ...)."""
-    capsys.readouterr()
-    environment = dict(os.environ)
-    try:
-        assert main([str(a) for a in argv]) == 1
-    finally:
-        os.environ.clear()
-        os.environ.update(environment)
-    return capsys.readouterr().err.strip().splitlines()[-1]
+def run(run_main, argv: list[str]) -> str:
+    """The last stderr line of ``megaswift ARGV`` run in this process, which must fail with exit code 1."""
+    proc = run_main(argv)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
 def test_sample_without_weights_is_one_line_and_leaves_no_files(run_cli, no_weights_dir, data, tmp_path):
@@ -84,37 +77,37 @@ BROKEN_MODEL_CASES = [
 
 @pytest.mark.parametrize('command, flags, what, error', BROKEN_MODEL_CASES,
                          ids=[f'{case[0]}-{case[2]}' for case in BROKEN_MODEL_CASES])
-def test_broken_model_folder_fails_before_any_file(capsys, tiny_llama_dir, data, tmp_path, command, flags, what,
+def test_broken_model_folder_fails_before_any_file(run_main, tiny_llama_dir, data, tmp_path, command, flags, what,
                                                    error):
     model, out = broken_copy(tmp_path, tiny_llama_dir, what), tmp_path / 'run'
-    line = run(capsys, [command, '--model', model, '--dataset', data, '--output_dir', out, *flags])
+    line = run(run_main, [command, '--model', model, '--dataset', data, '--output_dir', out, *flags])
     assert line.startswith(f'megaswift {command}: error: --model: ' + error.format(model=model)), line
     assert not out.exists()
 
 
 @pytest.mark.parametrize('what', ['no_tokenizer', 'bad_config'])
-def test_template_with_a_broken_model_folder(capsys, tiny_llama_dir, data, tmp_path, what):
+def test_template_with_a_broken_model_folder(run_main, tiny_llama_dir, data, tmp_path, what):
     model = broken_copy(tmp_path, tiny_llama_dir, what)
-    line = run(capsys, ['template', '--model', model, '--data', data])
+    line = run(run_main, ['template', '--model', model, '--data', data])
     assert line.startswith(f"megaswift template: error: --model: {NO_TOKENIZER} '{model}'"), line
 
 
 @pytest.mark.parametrize('command', ['deploy', 'rollout'])
-def test_servers_without_weights_fail_in_one_line(capsys, no_weights_dir, command):
-    line = run(capsys, [command, '--model', no_weights_dir, '--port', '0'])
+def test_servers_without_weights_fail_in_one_line(run_main, no_weights_dir, command):
+    line = run(run_main, [command, '--model', no_weights_dir, '--port', '0'])
     assert line.startswith(f"megaswift {command}: error: --model: model folder '{no_weights_dir}' {NO_WEIGHTS}")
 
 
-def test_reference_model_without_weights_is_named(capsys, tiny_llama_dir, no_weights_dir, data, tmp_path):
-    line = run(capsys, ['rlhf', '--rlhf_type', 'dpo', '--model', tiny_llama_dir, '--ref_model', no_weights_dir,
+def test_reference_model_without_weights_is_named(run_main, tiny_llama_dir, no_weights_dir, data, tmp_path):
+    line = run(run_main, ['rlhf', '--rlhf_type', 'dpo', '--model', tiny_llama_dir, '--ref_model', no_weights_dir,
                         '--dataset', data, '--output_dir', tmp_path / 'run', '--max_steps', 1])
     assert line.startswith(f"megaswift rlhf: error: --ref_model: model folder '{no_weights_dir}' has a config.json")
 
 
-def test_incomplete_sharded_model_names_the_missing_shard(capsys, no_weights_dir, data, tmp_path):
+def test_incomplete_sharded_model_names_the_missing_shard(run_main, no_weights_dir, data, tmp_path):
     index = {'metadata': {}, 'weight_map': {'model.embed_tokens.weight': 'model-00001-of-00002.safetensors'}}
     (Path(no_weights_dir) / 'model.safetensors.index.json').write_text(json.dumps(index))
-    line = run(capsys, ['sample', '--model', no_weights_dir, '--dataset', data, '--output_dir', tmp_path / 's'])
+    line = run(run_main, ['sample', '--model', no_weights_dir, '--dataset', data, '--output_dir', tmp_path / 's'])
     assert "is incomplete: shard 'model-00001-of-00002.safetensors'" in line
     assert "tensor 'model.embed_tokens.weight'" in line
 
@@ -138,10 +131,10 @@ def unwritable_output(tmp_path: Path, how: str) -> tuple[Path, str]:
     ('sft', ['--dataset', '{data}', '--max_steps', '1']),
     ('export', ['--to_mcore', 'true']),
 ], ids=['sample', 'sft', 'export'])
-def test_unwritable_output_dir_fails_before_the_model_is_built(capsys, tiny_llama_dir, data, tmp_path, command,
+def test_unwritable_output_dir_fails_before_the_model_is_built(run_main, tiny_llama_dir, data, tmp_path, command,
                                                                flags, how):
     out, reason = unwritable_output(tmp_path, how)
-    line = run(capsys, [command, '--model', tiny_llama_dir, '--output_dir', out,
+    line = run(run_main, [command, '--model', tiny_llama_dir, '--output_dir', out,
                         *[f.format(data=data) for f in flags]])
     assert line == f"megaswift {command}: error: --output_dir '{out}': {reason}"
 
@@ -153,22 +146,22 @@ def test_unwritable_output_dir_fails_before_the_model_is_built(capsys, tiny_llam
     ([{'role': 'system', 'content': 'Be brief.'}, ROW['messages'][1]],
      "field 'messages': nothing to answer: the conversation has no user turn before the last assistant turn"),
 ], ids=['tool_call_arguments', 'no_user_turn'])
-def test_sample_rejects_a_bad_row_before_loading_the_model(capsys, tiny_llama_dir, tmp_path, messages, error):
+def test_sample_rejects_a_bad_row_before_loading_the_model(run_main, tiny_llama_dir, tmp_path, messages, error):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(json.dumps({'messages': messages}) + '\n')
     out = tmp_path / 'samples'
-    line = run(capsys, ['sample', '--model', tiny_llama_dir, '--dataset', bad, '--output_dir', out])
+    line = run(run_main, ['sample', '--model', tiny_llama_dir, '--dataset', bad, '--output_dir', out])
     assert line == f'megaswift sample: error: {bad}:1: {error}'
     assert not out.exists()
 
 
 @pytest.mark.parametrize('architecture', ['LlamaForCausalLM', 'LlamaForSequenceClassification'])
-def test_sample_with_an_unusable_reward_model_fails_in_one_line(capsys, tiny_llama_dir, no_weights_dir, data, tmp_path,
+def test_sample_with_an_unusable_reward_model_fails_in_one_line(run_main, tiny_llama_dir, no_weights_dir, data, tmp_path,
                                                                 architecture):
     config = Path(no_weights_dir) / 'config.json'  # a causal LM is no reward model; a classifier has no weights here
     config.write_text(json.dumps({**json.loads(config.read_text()), 'architectures': [architecture]}))
     out = tmp_path / 'samples'
-    line = run(capsys, ['sample', '--model', tiny_llama_dir, '--orm_model', no_weights_dir, '--dataset', data,
+    line = run(run_main, ['sample', '--model', tiny_llama_dir, '--orm_model', no_weights_dir, '--dataset', data,
                         '--output_dir', out])
     assert line.startswith(f"megaswift sample: error: --orm_model '{no_weights_dir}': "), line
     assert not out.exists()
@@ -179,13 +172,13 @@ def test_sample_with_an_unusable_reward_model_fails_in_one_line(capsys, tiny_lla
     ('[1]', 'r.jsonl', 'cannot resume from {dir}/r.jsonl.state.json: it is not a sample state file'),
     ('[1]', None, '--resume: no unfinished run in {dir} matches these arguments'),
 ], ids=['torn', 'not_a_state', 'not_a_state_found'])
-def test_resume_from_a_broken_state_file_fails_in_one_line(capsys, tiny_llama_dir, data, tmp_path, state, output_file,
+def test_resume_from_a_broken_state_file_fails_in_one_line(run_main, tiny_llama_dir, data, tmp_path, state, output_file,
                                                            error):
     out = tmp_path / 'samples'
     out.mkdir()
     (out / 'r.jsonl.state.json').write_text(state)
     (out / 'r.jsonl.part').write_text('')
-    line = run(capsys, ['sample', '--model', tiny_llama_dir, '--dataset', data, '--output_dir', out, '--resume', 'true',
+    line = run(run_main, ['sample', '--model', tiny_llama_dir, '--dataset', data, '--output_dir', out, '--resume', 'true',
                         *(['--output_file', output_file] if output_file else [])])
     assert line.startswith('megaswift sample: error: ' + error.format(dir=out)), line
     assert sorted(p.name for p in out.iterdir()) == ['r.jsonl.part', 'r.jsonl.state.json']  # a run's state is kept

@@ -179,23 +179,23 @@ def test_cli_roundtrip_qwen2_with_precision_both_ways(run_cli, tiny_qwen2, qwen2
 
 # ---- bad input: one clear line, non-zero exit, nothing that looks complete -----------------------
 
-def test_unsupported_architecture(run_cli, tmp_path):
+def test_unsupported_architecture(run_main, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     src = tmp_path / 'gpt2'
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(src)
     out = tmp_path / 'out'
-    proc = run_cli(['export', '--model', src, '--to_mcore', 'true', '--output_dir', out], check=False)
+    proc = run_main(['export', '--model', src, '--to_mcore', 'true', '--output_dir', out])
     assert_clean_failure(proc, out, 'gpt2')
 
 
-def test_tp_size_not_dividing_heads(run_cli, tiny_llama2kv, tmp_path):
+def test_tp_size_not_dividing_heads(run_main, tiny_llama2kv, tmp_path):
     out = tmp_path / 'out'
-    proc = run_cli(['export', '--model', tiny_llama2kv, '--to_mcore', 'true', '--output_dir', out,
-                    '--tensor_model_parallel_size', '4'], check=False)
+    proc = run_main(['export', '--model', tiny_llama2kv, '--to_mcore', 'true', '--output_dir', out,
+                     '--tensor_model_parallel_size', '4'])
     assert_clean_failure(proc, out, 'num_attention_heads (2)', '--tensor_model_parallel_size (4)')
 
 
-def test_missing_safetensors_shard(run_cli, tiny_qwen2, tmp_path):
+def test_missing_safetensors_shard(run_main, tiny_qwen2, tmp_path):
     src = tmp_path / 'sharded'
     shutil.copytree(tiny_qwen2, src)
     for p in src.glob('*.safetensors*'):
@@ -205,7 +205,7 @@ def test_missing_safetensors_shard(run_cli, tiny_qwen2, tmp_path):
     victim = sorted(set(index['weight_map'].values()))[-1]
     (src / victim).unlink()
     out = tmp_path / 'out'
-    proc = run_cli(['export', '--model', src, '--to_mcore', 'true', '--output_dir', out], check=False)
+    proc = run_main(['export', '--model', src, '--to_mcore', 'true', '--output_dir', out])
     assert_clean_failure(proc, out, victim, 'missing')
 
 

@@ -91,21 +91,21 @@ def test_plugin_prm_and_orm_filter_and_rank(tiny_llama_dir, math_file, tmp_path)
     assert len(lines) == 7 * 2 and all('rejected_response' in x for x in lines)
 
 
-def test_cli_bad_inputs_fail_with_one_clear_line(run_cli, tiny_llama_dir, tmp_path):
+def test_cli_bad_inputs_fail_with_one_clear_line(run_main, tiny_llama_dir, tmp_path):
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"query": "ok"}\n{"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}\n')
-    r = run_cli(['sample', '--model', tiny_llama_dir, '--dataset', bad, '--output_dir', tmp_path], check=False)
+    r = run_main(['sample', '--model', tiny_llama_dir, '--dataset', bad, '--output_dir', tmp_path])
     assert r.returncode == 1
     assert f"{bad}:2: field 'messages[1].role': unknown role 'robot'" in r.stderr
     assert 'Traceback' not in r.stderr
     good = tmp_path / 'good.jsonl'
     good.write_text('{"query": "ok"}\n')
-    r = run_cli(['sample', '--model', 'nobody/nothing', '--dataset', good, '--output_dir', tmp_path], check=False)
+    r = run_main(['sample', '--model', 'nobody/nothing', '--dataset', good, '--output_dir', tmp_path])
     assert r.returncode == 1 and "model 'nobody/nothing' is neither a local directory nor embedded" in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) > 40 and 'Traceback' not in r.stderr
-    r = run_cli(['sample', '--model', tiny_llama_dir, '--dataset', bad, '--n_best', '2'], check=False)
+    r = run_main(['sample', '--model', tiny_llama_dir, '--dataset', bad, '--n_best', '2'])
     assert r.returncode == 2 and "unknown argument '--n_best'" in r.stderr
-    r = run_cli(['sampel'], check=False)
+    r = run_main(['sampel'])
     assert r.returncode == 2 and "did you mean 'sample'" in r.stderr
 
 

@@ -28,9 +28,9 @@ def test_cli_prints_sections(run_cli, smollm2_dir, tmp_path):
     assert '[LOSS_SCALE]' not in out
 
 
-def test_cli_reports_file_and_line_of_a_bad_row(run_cli, smollm2_dir, tmp_path):
+def test_cli_reports_file_and_line_of_a_bad_row(run_main, smollm2_dir, tmp_path):
     data = write_jsonl(tmp_path / 'rows.jsonl', [ROW, {'messages': [{'role': 'robot', 'content': 'x'}]}])
-    proc = run_cli(['template', '--model', smollm2_dir, '--data', data, '--line', '2'], check=False)
+    proc = run_main(['template', '--model', smollm2_dir, '--data', data, '--line', '2'])
     assert proc.returncode == 1
     assert f'{data}:2' in proc.stderr and 'messages[0].role' in proc.stderr and 'Traceback' not in proc.stderr
 

@@ -27,11 +27,11 @@ def rlhf_args(model, data, out, *extra):
     ('rm', {'messages': CHOSEN, 'rejected_messages': CHOSEN[:1]}, 'rejected_messages'),  # ends without an answer
     ('kto', {'messages': CHOSEN}, 'label'),                                              # no label
 ])
-def test_bad_rows_fail_with_file_line_and_field(run_cli, tiny_llama_dir, tmp_path, rlhf_type, bad_row, field):
+def test_bad_rows_fail_with_file_line_and_field(run_main, tiny_llama_dir, tmp_path, rlhf_type, bad_row, field):
     good = {'messages': CHOSEN, 'rejected_response': 'five'} if rlhf_type != 'kto' else {'messages': CHOSEN,
                                                                                           'label': True}
     data = write_rows(tmp_path / 'data.jsonl', [good, good, bad_row])
-    proc = run_cli(rlhf_args(tiny_llama_dir, data, tmp_path / 'out', '--rlhf_type', rlhf_type), check=False)
+    proc = run_main(rlhf_args(tiny_llama_dir, data, tmp_path / 'out', '--rlhf_type', rlhf_type))
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert 'data.jsonl:3' in last and field in last, last
@@ -51,8 +51,8 @@ def test_bad_rows_fail_with_file_line_and_field(run_cli, tiny_llama_dir, tmp_pat
     (['--rlhf_type', 'gkd', '--teacher_model', 't', '--lmbda', '0.5', '--pipeline_model_parallel_size', '2'],
      '--lmbda > 0 generates completions during training'),
 ])
-def test_bad_flags_fail_at_parse_time(run_cli, tmp_path, flags, message):
-    proc = run_cli(rlhf_args('unused', 'unused.jsonl', tmp_path / 'out', *flags), check=False)
+def test_bad_flags_fail_at_parse_time(run_main, tmp_path, flags, message):
+    proc = run_main(rlhf_args('unused', 'unused.jsonl', tmp_path / 'out', *flags))
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
 
 
