@@ -298,9 +298,9 @@ def test_refused_bucket_fails_fast_instead_of_waiting_for_the_broadcast(models, 
     client.close_communicator()
 
 
-def test_cli_refuses_bad_flags(run_cli):
+def test_cli_refuses_bad_flags(run_main):
     for flags, message in ((['--data_parallel_size', '0'], 'must be >= 1'),
                            (['--infer_backend', 'tgi'], "unknown 'tgi'"),
                            (['--weight_sync_bucket_mb', '0'], 'must be > 0')):
-        proc = run_cli(['rollout', '--model', 'x', *flags], check=False, timeout=120)
+        proc = run_main(['rollout', '--model', 'x', *flags])
         assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr[-2000:])
