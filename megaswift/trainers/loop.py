@@ -128,8 +128,11 @@ class Trainer:
         self.mfu_meter = MfuMeter(self.hf_config, self.device, self.dtype, ctx.world_size)  # active on CUDA only
 
     def frozen_model_dir(self, name: str) -> str:
-        """Where the frozen model ``name`` comes from: ``--ref_model`` / ``--teacher_model``, else ``--model``."""
-        return getattr(self.args, f'{name}_model', None) or self.model_dir
+        """Where the frozen model ``name`` comes from: ``--ref_model`` / ``--teacher_model`` (a folder or an embedded
+        model's id, resolved as ``--model`` is), else ``--model``."""
+        from ..model import resolve_model_dir
+        given = getattr(self.args, f'{name}_model', None)
+        return resolve_model_dir(given) if given else self.model_dir
 
     def frozen_hf_config(self, name: str):
         if self.frozen_model_dir(name) == self.model_dir:

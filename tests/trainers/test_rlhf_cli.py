@@ -97,3 +97,13 @@ def test_kto_kill9_then_resume_equals_an_uninterrupted_run(run_cli, tiny_llama_d
     for key, rec in want.items():
         for field in ('loss', 'grad_norm', 'lr', 'kl', 'rewards/chosen', 'rewards/rejected'):
             assert got[key].get(field) == rec.get(field), (key, field, got[key], rec)
+
+
+def test_ref_model_given_as_an_embedded_model_id(run_cli, smollm2_dir, tiny_llama_dir, tmp_path):
+    """``--ref_model`` resolves like ``--model`` (here the embedded SmolLM2's id, no hub): before, preflight
+    resolved it but the trainer built the reference from the raw id and failed with a hub traceback."""
+    data = write_rows(tmp_path / 'pairs.jsonl', [{'messages': CHOSEN, 'rejected_response': 'five'}] * 2)
+    run_cli(rlhf_args(tiny_llama_dir, data, tmp_path / 'out', '--rlhf_type', 'dpo', '--logging_steps', '1',
+                      '--ref_model', 'HuggingFaceTB/SmolLM2-135M-Instruct', '--save_last', 'false'))
+    step = json.loads((tmp_path / 'out' / 'logging.jsonl').read_text().splitlines()[0])
+    assert step['step'] == 1 and abs(step['loss'] - 0.6931471805599453) > 1e-3  # another model than the policy
