@@ -26,9 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from ..utils.dist import barrier, initialized_dist, rank
+from ..utils.dist import any_rank, barrier, initialized_dist, rank
 from ..utils.errors import UserError
 from ..utils.paths import atomic_write_text
 from .parallel import ParallelContext
@@ -54,15 +52,6 @@ def _broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _any_rank_failed(failed: bool) -> bool:
-    dist = initialized_dist()
-    if not dist or dist.get_world_size() == 1:
-        return failed
-    flag = torch.tensor([int(failed)])
-    dist.all_reduce(flag)
-    return bool(flag.item())
 
 
 def _sharded_state_dict(models) -> dict:
@@ -125,7 +114,7 @@ def distributed_atomic_directory(final: str | os.PathLike):
         yield tmp
     except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks heard of it
         raised = e
-    failed = _any_rank_failed(raised is not None)
+    failed = any_rank([raised is not None])[0]
     commit_error = None
     if rank() == 0:
         try:

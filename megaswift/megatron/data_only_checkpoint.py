@@ -5,7 +5,7 @@ A dist-checkpoint holds three kinds of pickles, and torch reads two of them with
 - ``.metadata`` (the index of tensors and byte ranges): ``FileSystemReader.read_metadata`` calls
   ``pickle.load`` on it, so a crafted index runs any function it names;
 - byte items inside ``__*_*.distcp`` (non-tensor state such as the optimizer's param groups or layers'
-  ``_extra_state``): the default load planner reads them with ``torch.load(weights_only=False)``;
+  ``_extra_state``): the default load planner reads them with ``torch.load`` with the weights-only guard off;
 - ``common.pt``: ``torch.load`` with torch's default, which an environment variable can turn off.
 
 ``read_metadata`` unpickles the index with an allow-list of torch's own checkpoint-metadata types (and
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils.errors import UserError
+from ..utils.errors import UserError, one_line
 
 # The modules whose classes (dataclasses and enums of torch.distributed.checkpoint) an index may name.
 _METADATA_MODULES = ('torch.distributed.checkpoint.metadata', 'torch.distributed.checkpoint.planner')
@@ -74,9 +74,8 @@ def _load_weights_only(data: io.BytesIO | Path, what: str) -> None:
     try:
         torch.load(data, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
         raise UnsafeCheckpointError(f'refusing to read {what}: it is not plain data (tensors, numbers, strings, '
-                                    f'lists, dicts): {first}') from None
+                                    f'lists, dicts): {one_line(e)}') from None
 
 
 def check_data_only(ckpt: Path, metadata) -> None:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..utils.dist import initialized_dist
+from ..utils.dist import any_rank
 from ..utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -41,18 +41,6 @@ class NonFiniteError(UserError, RuntimeError):
 
 def is_finite(value) -> bool:
     return value is None or math.isfinite(float(value))
-
-
-def agree_any(flags: list[bool], device=None) -> list[bool]:
-    """Each flag true when it is true on any rank of the world (one all-reduce; every rank must call this)."""
-    dist = initialized_dist()
-    if dist is None or dist.get_world_size() == 1:
-        return [bool(f) for f in flags]
-    if device is None:
-        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
 
 
 def _optimizers(optimizer) -> list:
@@ -72,12 +60,12 @@ def _clip(optimizer, grad_norm: float) -> None:
 
 
 @torch.no_grad()
-def checked_optimizer_step(optimizer, loss_finite: bool, device) -> tuple[bool, Optional[float], list[str]]:
+def checked_optimizer_step(optimizer, loss_finite: bool) -> tuple[bool, Optional[float], list[str]]:
     """megatron-core's ``optimizer.step()`` with the non-finite check between the grad norm and the update: returns
     (whether the update was applied, the grad norm, what was non-finite on any rank: 'loss', 'grad_norm')."""
     found_inf = optimizer.prepare_grads()  # fp16: unscale, look for inf/nan, update the loss scale
     grad_norm = None if found_inf else float(optimizer.get_grad_norm())
-    verdict = agree_any([not loss_finite, not is_finite(grad_norm)], device)
+    verdict = any_rank([not loss_finite, not is_finite(grad_norm)])
     nonfinite = [name for name, bad in zip(('loss', 'grad_norm'), verdict) if bad]
     if found_inf or nonfinite:
         return False, grad_norm, nonfinite
@@ -97,7 +85,7 @@ class NonFinitePolicy:
     def optimizer_step(self, trainer, loss_sum: float, loss_count: float) -> tuple[bool, Optional[float]]:
         """The trainer's optimizer step under the policy, given the step's reduced loss sum and count: (update
         applied, grad norm)."""
-        ok, grad_norm, nonfinite = checked_optimizer_step(trainer.optimizer, math.isfinite(loss_sum), trainer.device)
+        ok, grad_norm, nonfinite = checked_optimizer_step(trainer.optimizer, math.isfinite(loss_sum))
         if nonfinite:
             self._handle(trainer, nonfinite, loss_sum / max(loss_count, 1e-12), grad_norm)
         return ok, grad_norm
@@ -155,7 +143,7 @@ def check_parameters_finite(models, step: int) -> None:
     sums = torch.stack([p.detach().sum(dtype=torch.float32) for _, p in named]) if named else torch.zeros(0)
     finite = torch.isfinite(sums).tolist()
     bad = [name.removeprefix('module.') for (name, _), ok in zip(named, finite) if not ok]
-    if agree_any([bool(bad)])[0]:
+    if any_rank([bool(bad)])[0]:
         where = f'{len(bad)} parameter tensors on this rank, e.g. {bad[:3]}' if bad else 'on another rank'
         raise NonFiniteError(f'refusing to save the checkpoint of step {step}: the parameters hold NaN/inf ({where})')
 

@@ -14,9 +14,7 @@ import logging
 import signal
 import threading
 
-import torch
-
-from ..utils.dist import initialized_dist, report_failure
+from ..utils.dist import any_rank, report_failure
 
 logger = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -47,14 +45,7 @@ class Preemption:
 
     def requested(self) -> bool:
         """Whether any rank received a signal (a collective: every rank calls it after the same step)."""
-        flag = float(self.received is not None)
-        dist = initialized_dist()
-        if dist is None or dist.get_world_size() == 1:
-            return bool(flag)
-        device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
-        t = torch.tensor([flag], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return any_rank([self.received is not None])[0]
 
     def stop_now(self, trainer, saved: bool) -> bool:
         """True (after saving a checkpoint, unless this step was just ``saved``) when the run must stop."""

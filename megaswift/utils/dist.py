@@ -51,6 +51,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Each flag true when it is true on any rank of the world: one all-reduce (MAX) that every rank must call, on
+    the device the backend reduces on (CUDA for NCCL); the flags as they are without a process group."""
+    dist = initialized_dist()
+    if dist is None or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    import torch
+    device = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def report_failure(exc: BaseException, prefix: str = 'megaswift') -> None:
     """In a launch of several processes, print ``<prefix>: rank R of W on HOST failed: Type: message`` once per
     exception, so that the first failure of a multi-node job is named in its merged log (the other ranks then fail

@@ -157,10 +157,10 @@ def test_on_nonfinite_is_checked_at_parse_time(monkeypatch):
 def _agree_on_two_ranks(rank: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
-    from megaswift.trainers.nonfinite import agree_any
+    from megaswift.utils.dist import any_rank
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
     try:  # flags: seen on rank 1 only, on rank 0 only, on no rank (the negative control)
-        Path(out, f'rank{rank}.json').write_text(json.dumps(agree_any([rank == 1, rank == 0, False])))
+        Path(out, f'rank{rank}.json').write_text(json.dumps(any_rank([rank == 1, rank == 0, False])))
     finally:
         dist.destroy_process_group()
 
