@@ -110,7 +110,9 @@ class GrpoArguments:
         self._check_multi_turn()
         if self.rollout_api_key is None:
             import os
-            self.rollout_api_key = os.environ.get('MEGASWIFT_API_KEY') or None
+
+            from .serving import API_KEY_ENV
+            self.rollout_api_key = os.environ.get(API_KEY_ENV) or None
 
     def _check_multi_turn(self):
         if self.max_turns is not None and not self.multi_turn_scheduler:

@@ -19,6 +19,9 @@ class InferRequest:
     tools: list[dict[str, Any]] | None = None
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding
+
+
 @dataclass
 class RequestConfig:
     """Sampling parameters shared by all engines (OpenAI names, plus top_k)."""
@@ -39,6 +42,8 @@ class RequestConfig:
             raise ValueError(f'RequestConfig.n must be >= 1, got {self.n}')
         if self.temperature < 0:
             raise ValueError(f'RequestConfig.temperature must be >= 0, got {self.temperature}')
+        if self.temperature < GREEDY_BELOW:  # dividing the logits by it would overflow float32
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise ValueError(f'RequestConfig.top_p must be in (0, 1], got {self.top_p}')
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -41,7 +41,6 @@ class ToolCall(BaseModel):
 
 # OpenAI's roles, ``developer`` read as ``system``, and megaswift's agent roles.
 Role = Literal['system', 'developer', 'user', 'assistant', 'tool', 'tool_call', 'tool_response']
-GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (dividing the logits by it overflows float32)
 
 
 class ChatMessageIn(BaseModel):
@@ -141,8 +140,7 @@ def to_engine(body: ChatCompletionRequest, limits: ServerLimits,
         tools = None
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     try:
-        temperature = _or(body.temperature, 1.0)
-        cfg = RequestConfig(max_tokens=max_tokens, temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        cfg = RequestConfig(max_tokens=max_tokens, temperature=_or(body.temperature, 1.0),
                             top_p=_or(body.top_p, 1.0),
                             top_k=_or(body.top_k, -1), n=n, seed=body.seed, stop=stop or None,
                             stream=bool(body.stream), repetition_penalty=_or(body.repetition_penalty, 1.0),
