@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -108,13 +107,19 @@ def _decode_at(decoder: json.JSONDecoder, text: str, pos: int, p: Path):
 
 
 def _read_csv(p: Path) -> Iterator[Raw]:
-    with io.StringIO(_decode(p.read_bytes(), p), newline='') as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            src = RowSource(str(p), reader.line_num)
-            if None in row:
-                raise DatasetError(src, f'row has more cells than the header ({len(reader.fieldnames)} columns)')
-            yield {k: v for k, v in row.items() if v not in (None, '')}, src
+    """Rows read as the file is (bounded memory, as ``--streaming`` needs); a byte that is not UTF-8 is located
+    by decoding the whole file only then."""
+    try:
+        with p.open(encoding='utf-8-sig', newline='') as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                src = RowSource(str(p), reader.line_num)
+                if None in row:
+                    raise DatasetError(src, f'row has more cells than the header ({len(reader.fieldnames)} columns)')
+                yield {k: v for k, v in row.items() if v not in (None, '')}, src
+    except UnicodeDecodeError:
+        _decode(p.read_bytes(), p)  # raises the DatasetError naming the line and column
+        raise
 
 
 def _read_hf_dir(p: Path) -> Iterator[Raw]:
