@@ -30,6 +30,7 @@ class Plan:
     max_length: int
     resume_dir: Optional[Path] = None
     objective: type = None  # the Objective class (its template mode, sequences and columns shape the data)
+    tokenizer: object = None  # --model's, read once here (an unreadable one fails before the process group)
 
 
 def preflight(args) -> Plan:
@@ -45,7 +46,7 @@ def preflight(args) -> Plan:
             raise ArgumentError(f"--mcore_model '{model_dir}' has no config.json; pass --model too (the HF model "
                                 f'whose config and tokenizer to use)')
     hf_config = read_model_config(model_dir, '--model' if args.model else '--mcore_model')
-    load_tokenizer(model_dir, '--model' if args.model else '--mcore_model')  # unreadable: fails before the world
+    tokenizer = load_tokenizer(model_dir, '--model' if args.model else '--mcore_model')
     try:
         get_model_family(hf_config)
         args.parallel_config(hf_config=hf_config)  # the model's heads and layers split over TP and PP x VPP
@@ -78,14 +79,14 @@ def preflight(args) -> Plan:
     flag = '--rlhf_type' if getattr(args, 'rlhf_type', None) else '--loss_type'
     objective = losses.lookup(objective_name(args), flag=flag)
     if 'teacher' in objective.frozen_models:
-        check_same_tokenizer(model_dir, args.teacher_model)
+        check_same_tokenizer(tokenizer, model_dir, args.teacher_model)
     check_weights_to_load(args, model_dir, resume_dir)
     check_output_dir_writable(args.output_dir, '--output_dir')  # before any model is built
     # unknown or unusable --eval_metric fail here, not after the model is built
     check_generation_layout(build_eval_metrics(list(args.eval_metric)), args)
     if args.mcore_model and not os.path.isdir(args.mcore_model):
         raise ArgumentError(f"--mcore_model: '{args.mcore_model}' does not exist or is not a directory")
-    return Plan(model_dir, hf_config, int(max_length), resume_dir, objective)
+    return Plan(model_dir, hf_config, int(max_length), resume_dir, objective, tokenizer)
 
 
 def check_weights_to_load(args, model_dir: str, resume_dir: Optional[Path]) -> None:
@@ -105,18 +106,18 @@ def check_weights_to_load(args, model_dir: str, resume_dir: Optional[Path]) -> N
         check_model_weights(folder, safetensors_only=True, flag=flag)
 
 
-def check_same_tokenizer(model_dir: str, teacher: str) -> None:
-    """Distillation compares distributions token by token: the teacher must share the student's vocabulary."""
+def check_same_tokenizer(tokenizer, model_dir: str, teacher: str) -> None:
+    """Distillation compares distributions token by token: the teacher must share the student's (``tokenizer``,
+    of ``model_dir``) vocabulary."""
     from ..model import load_tokenizer, resolve_model_dir
     teacher_dir = resolve_model_dir(teacher)
-    if load_tokenizer(model_dir).get_vocab() != load_tokenizer(teacher_dir, '--teacher_model').get_vocab():
+    if tokenizer.get_vocab() != load_tokenizer(teacher_dir, '--teacher_model').get_vocab():
         raise ArgumentError(f"--teacher_model '{teacher}' has another tokenizer than --model '{model_dir}'; "
                             f'distillation needs the same vocabulary')
 
 
 def prepare_data(args, plan: Plan):
     """Encoded, packed train (and eval) data and the number of optimizer steps."""
-    from ..model import load_tokenizer
     from ..template.packing import padding_multiple
     from ..dataset.encode import encode_on_rank0_first
     from ..dataset.loader import load_rows, split_rows
@@ -124,7 +125,7 @@ def prepare_data(args, plan: Plan):
     from ..template.plain_text import PlainTextEncoder
     from ..utils.errors import TrainDataError
     from ..trainers.loop import TrainData
-    tokenizer = load_tokenizer(plan.model_dir)
+    tokenizer = plan.tokenizer
     if args.use_chat_template:
         encoder = chat_encoder(args, tokenizer, plan.max_length)
         encoder.set_mode(plan.objective.template_mode)

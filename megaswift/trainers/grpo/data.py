@@ -61,7 +61,6 @@ def prepare_grpo_data(args, plan, chat_encoder):
     generation."""
     import math
     from ...dataset.loader import load_rows
-    from ...model import load_tokenizer
     from ...template.collator import Collator
     from ...template.packing import padding_multiple
     from ..data import StepSampler
@@ -69,7 +68,7 @@ def prepare_grpo_data(args, plan, chat_encoder):
     from ..loop import TrainData
     if not args.use_chat_template:
         raise TrainDataError('--rlhf_type grpo needs the chat template (prompts are conversations)')
-    tokenizer = load_tokenizer(plan.model_dir)
+    tokenizer = plan.tokenizer
     encoder = chat_encoder(args, tokenizer, plan.max_length)
     max_prompt = plan.max_length - int(args.max_completion_length)
     if max_prompt < 1:
