@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from itertools import groupby
 
 import torch
 
@@ -49,9 +50,8 @@ class TransformersEngine(InferEngine):
             mask[i, width - len(p):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def max_new_tokens(self, cfg: RequestConfig, prompt_len: int) -> int:
-        """New tokens a batch whose longest prompt has ``prompt_len`` tokens gets (``ValueError`` when none): the
-        servers' batcher groups requests by it, so a long prompt never shortens the answers batched with it."""
+    def _max_new_tokens(self, cfg: RequestConfig, prompt_len: int) -> int:
+        """New tokens a batch whose longest prompt has ``prompt_len`` tokens gets (``ValueError`` when none)."""
         limit = cfg.max_tokens or 2048
         if self.max_length:
             limit = min(limit, self.max_length - prompt_len)
@@ -64,20 +64,24 @@ class TransformersEngine(InferEngine):
     def infer(self, requests: list[InferRequest], request_config: RequestConfig) -> list[ChatCompletionResponse]:
         cfg = request_config
         prompts = [self.encode_prompt(r) for r in requests]
+        rooms = [self._max_new_tokens(cfg, len(p)) for p in prompts]  # no room for one: ValueError, nothing decoded
         per_batch = max(1, self.max_batch_size // cfg.n)
-        # Sort by length so each batch pads little; results go back in request order.
+        # Sorted by length, so each batch pads little; a batch decodes only as far as its longest prompt leaves
+        # room, so only prompts left the same room share one (sorted, they are runs). Results keep request order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[ChatCompletionResponse | None] = [None] * len(prompts)
-        for start in range(0, len(order), per_batch):
-            idx = order[start:start + per_batch]
-            for i, resp in zip(idx, self._infer_batch([prompts[i] for i in idx], cfg)):
-                results[i] = resp
+        for _, same_room in groupby(order, key=lambda i: rooms[i]):
+            same_room = list(same_room)
+            for start in range(0, len(same_room), per_batch):
+                idx = same_room[start:start + per_batch]
+                for i, resp in zip(idx, self._infer_batch([prompts[i] for i in idx], cfg)):
+                    results[i] = resp
         return results
 
     def _infer_batch(self, prompts: list[list[int]], cfg: RequestConfig) -> list[ChatCompletionResponse]:
         ids, mask = self._left_pad(prompts)
         generators = row_generators(prompts, cfg.n, cfg.seed) if cfg.seed is not None else None
-        max_new = self.max_new_tokens(cfg, ids.shape[1])
+        max_new = self._max_new_tokens(cfg, ids.shape[1])
         state = None
         for state in decode(self.model, ids, mask, cfg, max_new, self.stop_token_ids, self.pad_token_id, generators):
             if cfg.stop and self._all_hit_stop_words(state, cfg.stop):
@@ -141,7 +145,7 @@ class TransformersEngine(InferEngine):
         sent = [''] * cfg.n
         logged = [0] * cfg.n  # tokens whose log-probs were sent, per choice
         state = None
-        for state in decode(self.model, ids, mask, cfg, self.max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
+        for state in decode(self.model, ids, mask, cfg, self._max_new_tokens(cfg, ids.shape[1]), self.stop_token_ids,
                             self.pad_token_id, generators):
             deltas, logprobs = [], [] if cfg.logprobs else None
             for k in range(cfg.n):

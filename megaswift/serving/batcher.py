@@ -8,12 +8,11 @@ that got a piece then go to the back of the line, behind those that arrived mean
 its ``n``. A request that timed out (or whose stream's client left) loses its remaining pieces.
 
 Batching. Pieces of one cycle with the same sampling parameters share one ``engine.infer`` call (dynamic
-batching), except where sharing would change an answer: an engine that pads prompts to the longest one
-(``encode_prompt``) decodes a batch only as far as its longest prompt leaves room, so requests share a call
-only when the engine leaves each of them the same room; and a seeded engine draws a repeated prompt's samples
-by its rank among the equal prompts of the call, so equal seeded requests never share one. A prompt that
-leaves no room fails its own request before it is batched. A stream runs alone, piece by piece, its steps
-handed to the event loop.
+batching), except where sharing would change an answer: a seeded engine draws a repeated prompt's samples by its
+rank among the equal prompts of the call, so equal seeded requests never share one. (The engine itself decodes
+together only prompts it leaves the same room, so a long prompt never shortens the answers batched with it.) A
+call that fails is retried request by request, so a bad request (e.g. a prompt that leaves no room) fails alone.
+A stream runs alone, piece by piece, its steps handed to the event loop.
 """
 from __future__ import annotations
 
@@ -70,7 +69,6 @@ class _Job:
     pieces: deque
     future: Future | None = None
     stream: 'EngineStream | None' = None
-    room: int | None = None          # new tokens the engine leaves its prompt (None: the engine does not say)
     done: list = field(default_factory=list)
 
     @property
@@ -137,23 +135,9 @@ class DynamicBatcher:
             self._run(served)
 
     def _admit(self, job: _Job, line: list) -> None:
-        """``job`` joins ``line``, unless it was dropped already or its prompt leaves no room (it fails alone)."""
-        if job.dropped:
-            return
-        try:
-            job.room = self._room(job.request, job.pieces[0][1])
-        except Exception as e:  # noqa: BLE001 - e.g. a prompt longer than the context: the client's own error
-            job.fail(e)
-            return
-        line.append(job)
-
-    def _room(self, request: InferRequest, cfg: RequestConfig) -> int | None:
-        """New tokens an engine that pads a batch to its longest prompt gives ``request`` alone (its ValueError
-        when none); None for engines that size each request's generation themselves."""
-        encode, room = getattr(self.engine, 'encode_prompt', None), getattr(self.engine, 'max_new_tokens', None)
-        if encode is None or room is None:
-            return None
-        return room(cfg, len(encode(request)))
+        """``job`` joins ``line``, unless it was dropped already."""
+        if not job.dropped:
+            line.append(job)
 
     def _gather(self, line: list) -> None:
         """Wait up to ``wait_ms`` for more requests to share the first cycle, while it has room."""
@@ -185,13 +169,13 @@ class DynamicBatcher:
             if job.stream is not None:
                 self._run_stream_piece(job, first, cfg)
                 continue
-            same = (json.dumps(asdict(cfg), sort_keys=True), job.room)
+            same = json.dumps(asdict(cfg), sort_keys=True)
             rank = 0
             if cfg.seed is not None:  # the k-th equal seeded prompt of the cycle goes to the k-th call
                 prompt = json.dumps([job.request.messages, job.request.tools], sort_keys=True, default=str)
                 rank = equal_seeded[same, prompt]
                 equal_seeded[same, prompt] += 1
-            groups.setdefault((*same, rank), []).append((job, first, cfg))
+            groups.setdefault((same, rank), []).append((job, first, cfg))
         for group in groups.values():
             self._infer_group(group)
 
